@@ -1,0 +1,107 @@
+"""Typed configuration schemas shared by every dcar training script.
+
+Schemas are dataclasses (efficientvit's `applications/dc_ae` pattern); YAML files in `configs/` are presets on
+top of them and command-line dotlist overrides come last (see :mod:`dcar.config.loader`). A field whose value
+must be one of a fixed set declares it with :func:`choice`, so that the loader can list the valid choices.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+from typing import Any
+
+
+def choice(default: str, *choices: str) -> Any:
+    """A string field restricted to ``choices`` (validated by the loader, which lists them on error)."""
+    if default not in choices:
+        raise ValueError(f"default {default!r} is not one of {choices}")
+    return field(default=default, metadata={"choices": tuple(choices)})
+
+
+@dataclass
+class RunConfig:
+    """Where a run writes: ``run.dir`` holds config, checkpoints, metrics, images and ``final/``."""
+
+    dir: str = "runs/default"
+    name: str = ""
+
+
+@dataclass
+class LoopConfig:
+    """The step-based training loop shared by all trainers (keys under ``train.``)."""
+
+    steps: int = 1000
+    batch_size: int = 16
+    grad_accum: int = 1
+    ckpt_every: int = 500
+    keep_last: int = 3
+    log_every: int = 10
+    image_every: int = 0  # 0: only at the end
+    mixed_precision: str = choice("no", "no", "fp16", "bf16")
+    grad_clip: float = 1.0  # 0 disables clipping
+    ema_decay: float = 0.0  # 0 disables EMA
+    max_bad_steps: int = 20  # consecutive non-finite losses before the run aborts
+    num_workers: int = 0
+
+
+@dataclass
+class OptimConfig:
+    """AdamW with linear warm-up and a constant or cosine schedule (keys under ``optim.``)."""
+
+    lr: float = 1e-4
+    betas: tuple[float, float] = (0.9, 0.99)
+    weight_decay: float = 0.0
+    eps: float = 1e-8
+    warmup_steps: int = 0
+    schedule: str = choice("constant", "constant", "cosine")
+    min_lr_ratio: float = 0.0
+
+
+@dataclass
+class ShapesConfig:
+    """Procedural shapes data (see :mod:`dcar.data.shapes`)."""
+
+    max_objects: int = 4
+    size: int = 50_000  # samples per epoch of the train split (samples are generated, not stored)
+    heldout_size: int = 512
+    background: str = "white"
+
+
+@dataclass
+class DataConfig:
+    """Which dataset to read (keys under ``data.``). ``kind`` picks the reader; presets live in ``configs/data/``."""
+
+    kind: str = choice("shapes", "shapes", "imagefolder", "jsonl", "webdataset")
+    path: str = ""  # dataset root / JSONL file / shard pattern; unused for shapes
+    resolution: int = 256
+    seed: int = 0  # data seed (shapes scenes, shuffling)
+    random_flip: bool = False
+    shapes: ShapesConfig = field(default_factory=ShapesConfig)
+
+
+@dataclass
+class LogConfig:
+    """Logging: metrics JSONL always; wandb through accelerate's trackers, ``disabled`` by default."""
+
+    wandb: str = choice("disabled", "disabled", "offline", "online")
+    project: str = "dcar"
+    progress: bool = True
+
+
+@dataclass
+class TrainConfig:
+    """Keys every training script shares.
+
+    ``config`` is the base YAML (default: the paper's setting), ``resume`` is ``auto`` (newest complete checkpoint
+    in ``run.dir``), ``never``, or a checkpoint directory. ``init_from`` loads weights only (stage chaining).
+    """
+
+    config: str = ""
+    seed: int = 0
+    resume: str = "auto"
+    init_from: str = ""
+    run: RunConfig = field(default_factory=RunConfig)
+    train: LoopConfig = field(default_factory=LoopConfig)
+    optim: OptimConfig = field(default_factory=OptimConfig)
+    data: DataConfig = field(default_factory=DataConfig)
+    log: LogConfig = field(default_factory=LogConfig)

@@ -1,0 +1,1 @@
+"""Datasets: procedural shapes, ImageFolder, JSONL and webdataset image-caption data; resumable sampling."""

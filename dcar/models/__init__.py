@@ -1,0 +1,1 @@
+"""Models: the DC-HT tokenizer and the DC-AR generator."""

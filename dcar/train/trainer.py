@@ -1,0 +1,352 @@
+"""The step-based training loop every dcar trainer shares: exact resume, atomic checkpoints, NaN policy, logging.
+
+A concrete trainer (tokenizer, generator) subclasses :class:`Trainer` and supplies its modules, data and one
+``train_step``; the loop around it is here, written once (DiT's readable loop, VAR's trainer-owns-its-state resume):
+
+* the data position is the step: :class:`~dcar.data.sampler.ResumableBatchSampler` resumes at ``start_step``;
+* every step reseeds torch / numpy / random from ``(seed, rank, step)``, so randomness inside a step (mask ratios,
+  noise, path choice) is identical whether or not the run was interrupted before it;
+* a non-finite loss or gradient skips the update; after ``train.max_bad_steps`` consecutive bad steps the run
+  aborts with :class:`TrainingAborted`, and a checkpoint never holds non-finite weights;
+* checkpoints are written atomically (:mod:`dcar.train.checkpoint`); the final model goes to ``<run.dir>/final``
+  with ``save_pretrained``.
+"""
+
+from __future__ import annotations
+
+import logging
+import random
+import time
+from abc import ABC, abstractmethod
+from collections.abc import Iterator, Mapping
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import torch
+from torch import nn
+from torch.utils.data import DataLoader, Dataset, IterableDataset
+from tqdm.auto import tqdm
+
+from dcar.config.schema import TrainConfig
+from dcar.data.collate import collate
+from dcar.data.sampler import ResumableBatchSampler
+from dcar.train import checkpoint as ckpt
+from dcar.train.ema import EMA
+from dcar.train.logging import MetricsLogger
+from dcar.train.optim import build_optimizer, build_scheduler
+from dcar.train.run_dir import prepare_run_dir
+
+logger = logging.getLogger(__name__)
+
+
+class TrainingAborted(RuntimeError):
+    """Raised when too many consecutive steps had a non-finite loss or gradient."""
+
+
+def step_seed(seed: int, rank: int, step: int) -> int:
+    """The seed of one (rank, step): independent streams, stable across resumes."""
+    return (seed * 1_000_003 + rank * 7_919 + step * 104_729) % (2**63 - 1)
+
+
+def seed_everything(seed: int) -> None:
+    random.seed(seed)
+    np.random.seed(seed % 2**32)
+    torch.manual_seed(seed)
+
+
+def rng_state() -> dict[str, Any]:
+    """RNG states as tensors and plain containers (loadable with ``weights_only=True``)."""
+    np_state = np.random.get_state()
+    state = {
+        "torch": torch.get_rng_state(),
+        "numpy": {"keys": torch.from_numpy(np_state[1].astype(np.int64)), "pos": int(np_state[2]),
+                  "has_gauss": int(np_state[3]), "gauss": float(np_state[4])},
+        "python": random.getstate(),
+    }
+    if torch.cuda.is_available():
+        state["cuda"] = torch.cuda.get_rng_state_all()
+    return state
+
+
+def set_rng_state(state: Mapping[str, Any]) -> None:
+    torch.set_rng_state(state["torch"])
+    n = state["numpy"]
+    np.random.set_state(("MT19937", n["keys"].numpy().astype(np.uint32), n["pos"], n["has_gauss"], n["gauss"]))
+    py = state["python"]
+    random.setstate((py[0], tuple(py[1]), py[2]))
+    if "cuda" in state and torch.cuda.is_available():
+        torch.cuda.set_rng_state_all(state["cuda"])
+
+
+class Trainer(ABC):
+    """Base class: subclasses implement :meth:`build_modules`, :meth:`build_dataset` and :meth:`train_step`.
+
+    ``train_step`` calls :meth:`optimize` once per optimizer it updates (e.g. generator, then discriminator) and
+    returns a dict of scalars to log. Modules named in :meth:`build_modules` are prepared by accelerate,
+    checkpointed, and (``"model"``) averaged by EMA when ``train.ema_decay > 0``.
+    """
+
+    def __init__(self, cfg: TrainConfig, accelerator: Any | None = None, argv: list[str] | None = None) -> None:
+        from accelerate import Accelerator
+
+        self.cfg = cfg
+        self.accelerator = accelerator or Accelerator(mixed_precision=cfg.train.mixed_precision)
+        self.run_dir = Path(cfg.run.dir)
+        self.ckpt_dir = self.run_dir / "checkpoints"
+        self.argv = argv
+        self.step = 0
+        self.bad_steps = 0  # total skipped updates
+        self.consecutive_bad = 0
+        self.data_skipped = 0  # unreadable samples dropped by the readers
+        self._step_bad = False
+
+    # ----------------------------------------------------------------- subclass API
+    @abstractmethod
+    def build_modules(self) -> dict[str, nn.Module]:
+        """Trainable modules by name; ``"model"`` is the one exported and EMA-averaged."""
+
+    @abstractmethod
+    def build_dataset(self) -> Dataset:
+        """The training dataset (map-style, or an IterableDataset with ``set_start(samples)``)."""
+
+    @abstractmethod
+    def train_step(self, batch: dict[str, Any], step: int) -> dict[str, float]:
+        """One optimisation step on ``batch``: compute losses, call :meth:`optimize`, return scalars to log."""
+
+    def build_optimizers(self) -> dict[str, torch.optim.Optimizer]:
+        """One AdamW per module by default (override for frozen parts or LR multipliers)."""
+        return {name: build_optimizer([m], self.cfg.optim) for name, m in self.modules.items()
+                if any(p.requires_grad for p in m.parameters())}
+
+    def on_checkpoint(self, step: int) -> None:
+        """Hook after each checkpoint (e.g. write reconstruction grids)."""
+
+    def export_model(self) -> nn.Module:
+        """The model written to ``<run.dir>/final``: the EMA weights if EMA is on, else the live model."""
+        return self.ema.shadow if self.ema is not None else self.unwrap("model")
+
+    def load_init(self, path: str) -> None:
+        """Initialise ``model`` weights from ``init_from`` (a ``save_pretrained`` folder or a checkpoint)."""
+        path_ = Path(path)
+        model = self.unwrap("model")
+        if (path_ / "model.safetensors").is_file():
+            ckpt.load_module(model, path_ / "model.safetensors")
+        else:
+            raise FileNotFoundError(f"init_from={path}: expected a folder with model.safetensors "
+                                    "(a run's final/ folder or a checkpoint)")
+
+    # ----------------------------------------------------------------- helpers for train_step
+    def unwrap(self, name: str) -> nn.Module:
+        return self.accelerator.unwrap_model(self.modules[name])
+
+    @property
+    def device(self) -> torch.device:
+        return self.accelerator.device
+
+    def optimize(self, name: str, loss: torch.Tensor) -> bool:
+        """Backward + clip + step for optimizer ``name``; skip the update (and return False) if anything is
+        non-finite on any rank."""
+        opt = self.optimizers[name]
+        if not self._all_finite(loss.detach()):
+            opt.zero_grad(set_to_none=True)
+            self._step_bad = True
+            logger.warning("step %d: non-finite %s loss (%s); update skipped", self.step, name, loss.item())
+            return False
+        self.accelerator.backward(loss)
+        params = [p for g in opt.param_groups for p in g["params"]]
+        if self.cfg.train.grad_clip > 0:
+            norm = self.accelerator.clip_grad_norm_(params, self.cfg.train.grad_clip)
+        else:
+            grads = [p.grad.detach().norm() for p in params if p.grad is not None]
+            norm = torch.stack(grads).norm() if grads else torch.zeros(())
+        if not self._all_finite(torch.as_tensor(norm, device=self.device)):
+            opt.zero_grad(set_to_none=True)
+            self._step_bad = True
+            logger.warning("step %d: non-finite %s gradient; update skipped", self.step, name)
+            return False
+        opt.step()
+        self.schedulers[name].step()
+        opt.zero_grad(set_to_none=True)
+        self._grad_norms[name] = float(norm)
+        return True
+
+    def _all_finite(self, value: torch.Tensor) -> bool:
+        ok = torch.isfinite(value).all().to(self.device, torch.float32).reshape(1)
+        if self.accelerator.num_processes > 1:
+            ok = self.accelerator.gather(ok).min().reshape(1)
+        return bool(ok.item() > 0)
+
+    # ----------------------------------------------------------------- setup
+    def setup(self) -> None:
+        """Build everything and restore the newest state; called by :meth:`fit`."""
+        cfg, acc = self.cfg, self.accelerator
+        seed_everything(step_seed(cfg.seed, 0, -1))  # identical init on every rank
+        if acc.is_main_process:
+            prepare_run_dir(self.run_dir, cfg, self.argv)
+        self.dataset = self.build_dataset()
+        self.modules = self.build_modules()
+        if "model" not in self.modules:
+            raise ValueError("build_modules() must return a module named 'model'")
+        for m in self.modules.values():
+            m.to(self.device)
+        self.ema = EMA(self.modules["model"], cfg.train.ema_decay) if cfg.train.ema_decay > 0 else None
+        self.optimizers = self.build_optimizers()
+        self.schedulers = {n: build_scheduler(o, cfg.train.steps, cfg.optim) for n, o in self.optimizers.items()}
+        names = list(self.modules)
+        prepared = acc.prepare(*self.modules.values(), *self.optimizers.values())
+        prepared = prepared if isinstance(prepared, (list, tuple)) else [prepared]
+        self.modules = dict(zip(names, prepared[: len(names)]))
+        self.optimizers = dict(zip(self.optimizers, prepared[len(names):]))
+        self._grad_norms: dict[str, float] = {}
+
+        source = self.resume_source()
+        if source is not None:
+            self.restore(source)
+        elif cfg.init_from:
+            self.load_init(cfg.init_from)
+            if self.ema is not None:
+                self.ema.shadow.load_state_dict(self.unwrap("model").state_dict())
+        self.metrics = MetricsLogger(self.run_dir, acc, cfg.log.wandb, cfg.log.project,
+                                     config=None if cfg.log.wandb == "disabled" else _as_dict(cfg),
+                                     run_name=cfg.run.name)
+
+    def resume_source(self) -> Path | None:
+        resume = self.cfg.resume
+        if resume == "never":
+            return None
+        if resume == "auto":
+            return ckpt.latest_checkpoint(self.ckpt_dir)
+        path = Path(resume)
+        if not ckpt.is_complete(path):
+            raise FileNotFoundError(f"resume={resume}: not a complete checkpoint folder (expected meta.json, "
+                                    "state.pt and *.safetensors)")
+        return path
+
+    # ----------------------------------------------------------------- state
+    def checkpoint_modules(self) -> dict[str, nn.Module]:
+        mods = {name: self.unwrap(name) for name in self.modules}
+        if self.ema is not None:
+            mods["ema"] = self.ema.shadow
+        return mods
+
+    def training_state(self) -> dict[str, Any]:
+        scaler = getattr(self.accelerator, "scaler", None)
+        return {
+            "optimizers": {n: o.state_dict() for n, o in self.optimizers.items()},
+            "schedulers": {n: s.state_dict() for n, s in self.schedulers.items()},
+            "scaler": scaler.state_dict() if scaler is not None else None,
+            "rng": rng_state(),
+        }
+
+    def save(self) -> Path | None:
+        """Write a checkpoint of the current step (main process), then wait for every rank."""
+        self.accelerator.wait_for_everyone()
+        path = None
+        if self.accelerator.is_main_process:
+            meta = {"samples_seen": self.step * self.global_batch, "bad_steps": self.bad_steps,
+                    "data_skipped": self.data_skipped, "world_size": self.accelerator.num_processes}
+            path = ckpt.save_checkpoint(self.ckpt_dir, self.step, self.checkpoint_modules(),
+                                        self.training_state(), meta, keep_last=self.cfg.train.keep_last)
+            self.on_checkpoint(self.step)
+        self.accelerator.wait_for_everyone()
+        return path
+
+    def restore(self, path: Path) -> None:
+        state, meta = ckpt.load_checkpoint(path, self.checkpoint_modules())
+        for n, o in self.optimizers.items():
+            o.load_state_dict(state["optimizers"][n])
+        for n, s in self.schedulers.items():
+            s.load_state_dict(state["schedulers"][n])
+        scaler = getattr(self.accelerator, "scaler", None)
+        if scaler is not None and state.get("scaler") is not None:
+            scaler.load_state_dict(state["scaler"])
+        set_rng_state(state["rng"])
+        self.step = int(meta["step"])
+        self.bad_steps = int(meta.get("bad_steps", 0))
+        self.data_skipped = int(meta.get("data_skipped", 0))
+        logger.info("resumed from %s at step %d", path, self.step)
+
+    # ----------------------------------------------------------------- data
+    @property
+    def global_batch(self) -> int:
+        return self.cfg.train.batch_size * self.accelerator.num_processes
+
+    def batches(self) -> Iterator[dict[str, Any]]:
+        """Batches from the current data position onwards (this rank's share)."""
+        acc = self.accelerator
+        if isinstance(self.dataset, IterableDataset):
+            self.dataset.set_start(self.step * self.global_batch)
+            loader = DataLoader(self.dataset, batch_size=self.cfg.train.batch_size, collate_fn=collate,
+                                num_workers=self.cfg.train.num_workers)
+        else:
+            sampler = ResumableBatchSampler(len(self.dataset), self.cfg.train.batch_size, seed=self.cfg.data.seed,
+                                            rank=acc.process_index, world_size=acc.num_processes,
+                                            start_step=self.step)
+            loader = DataLoader(self.dataset, batch_sampler=sampler, collate_fn=collate,
+                                num_workers=self.cfg.train.num_workers)
+        for batch in loader:
+            yield {k: v.to(self.device) if isinstance(v, torch.Tensor) else v for k, v in batch.items()}
+
+    # ----------------------------------------------------------------- the loop
+    def fit(self) -> Path:
+        """Train to ``train.steps``; return the ``final`` folder."""
+        self.setup()
+        cfg, acc = self.cfg, self.accelerator
+        for m in self.modules.values():
+            m.train()
+        bar = tqdm(total=cfg.train.steps, initial=self.step, desc="train", dynamic_ncols=True,
+                   disable=not (acc.is_main_process and cfg.log.progress))
+        data = self.batches()
+        t_last, last_step = time.perf_counter(), self.step
+        while self.step < cfg.train.steps:
+            batch = next(data)
+            self.data_skipped += int(batch.pop("num_skipped", 0))
+            seed_everything(step_seed(cfg.seed, acc.process_index, self.step))
+            self._step_bad = False
+            logs = self.train_step(batch, self.step)
+            if self._step_bad:
+                self.bad_steps += 1
+                self.consecutive_bad += 1
+                if self.consecutive_bad >= cfg.train.max_bad_steps:
+                    raise TrainingAborted(
+                        f"{self.consecutive_bad} consecutive steps with a non-finite loss or gradient (up to step "
+                        f"{self.step}); aborting. The last good checkpoint is in {self.ckpt_dir}. Lower optim.lr, "
+                        "use train.mixed_precision=bf16 instead of fp16, or raise train.max_bad_steps.")
+            else:
+                self.consecutive_bad = 0
+                if self.ema is not None:
+                    self.ema.update(self.unwrap("model"))
+            self.step += 1
+            bar.update(1)
+            if self.step % cfg.train.log_every == 0 or self.step == cfg.train.steps:
+                now = time.perf_counter()
+                logs = {**logs, **{f"grad_norm/{k}": v for k, v in self._grad_norms.items()},
+                        "lr": self.schedulers["model"].get_last_lr()[0] if "model" in self.schedulers else 0.0,
+                        "steps_per_s": (self.step - last_step) / max(now - t_last, 1e-9),
+                        "bad_steps": self.bad_steps, "data_skipped": self.data_skipped}
+                t_last, last_step = now, self.step
+                self.metrics.log(logs, self.step)
+                bar.set_postfix({k: f"{v:.4g}" for k, v in logs.items() if k.startswith("loss")}, refresh=False)
+            if self.step % cfg.train.ckpt_every == 0 or self.step == cfg.train.steps:
+                self.save()
+        bar.close()
+        final = self.run_dir / "final"
+        if acc.is_main_process:
+            model = self.export_model()
+            if hasattr(model, "save_pretrained"):
+                model.save_pretrained(final)
+            else:
+                from safetensors.torch import save_model
+
+                final.mkdir(parents=True, exist_ok=True)
+                save_model(model, str(final / "model.safetensors"))
+        acc.wait_for_everyone()
+        self.metrics.close()
+        return final
+
+
+def _as_dict(cfg: Any) -> dict:
+    from dcar.config.loader import to_container
+
+    return to_container(cfg)
