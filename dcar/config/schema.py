@@ -72,10 +72,15 @@ class DataConfig:
     """Which dataset to read (keys under ``data.``). ``kind`` picks the reader; presets live in ``configs/data/``."""
 
     kind: str = choice("shapes", "shapes", "imagefolder", "jsonl", "webdataset")
-    path: str = ""  # dataset root / JSONL file / shard pattern; unused for shapes
+    name: str = ""  # the preset that was selected (``data=<name>``), recorded for the run directory
+    path: str = ""  # dataset root / JSONL file / shard pattern or folder; unused for shapes
+    heldout_path: str = ""  # same format as ``path``: previews and evaluation (shapes has its own held-out split)
+    image_root: str = ""  # JSONL only: root of relative image paths (default: the JSONL's folder)
     resolution: int = 256
     seed: int = 0  # data seed (shapes scenes, shuffling)
     random_flip: bool = False
+    max_caption_chars: int = 2048
+    shuffle_buffer: int = 5000  # webdataset only
     shapes: ShapesConfig = field(default_factory=ShapesConfig)
 
 

@@ -118,7 +118,7 @@ def list_checkpoints(root: str | Path) -> list[Path]:
         return []
     found = [(int(m.group(1)), p) for p in root.iterdir() if (m := STEP_DIR.match(p.name)) and p.is_dir()]
     complete = []
-    for step, path in sorted(found):
+    for _, path in sorted(found):
         if is_complete(path):
             complete.append(path)
         else:
@@ -157,8 +157,9 @@ def load_module(module: nn.Module, file: str | Path, *, strict: bool = True) -> 
 
     own = module.state_dict()
     with safe_open(str(file), framework="pt") as f:
-        shapes = {k: tuple(f.get_slice(k).get_shape()) for k in f.keys()}
-    wrong = {k: (shapes[k], tuple(own[k].shape)) for k in shapes.keys() & own.keys() if shapes[k] != tuple(own[k].shape)}
+        shapes = {k: tuple(f.get_slice(k).get_shape()) for k in f.keys()}  # noqa: SIM118 - a safe_open handle
+    common = sorted(set(shapes) & set(own))
+    wrong = {k: (shapes[k], tuple(own[k].shape)) for k in common if shapes[k] != tuple(own[k].shape)}
     if wrong:
         lines = ", ".join(f"{k}: file {a} vs model {b}" for k, a, b in ((k, *v) for k, v in sorted(wrong.items())))
         raise CheckpointError(f"{file} does not fit {type(module).__name__}: mismatched shapes {lines}")

@@ -119,8 +119,8 @@ class Trainer(ABC):
         return {name: build_optimizer([m], self.cfg.optim) for name, m in self.modules.items()
                 if any(p.requires_grad for p in m.parameters())}
 
-    def on_checkpoint(self, step: int) -> None:
-        """Hook after each checkpoint (e.g. write reconstruction grids)."""
+    def on_checkpoint(self, step: int) -> None:  # noqa: B027 - an optional hook, not abstract
+        """Hook after each checkpoint (e.g. write reconstruction grids); does nothing by default."""
 
     def export_model(self) -> nn.Module:
         """The model written to ``<run.dir>/final``: the EMA weights if EMA is on, else the live model."""
@@ -196,8 +196,8 @@ class Trainer(ABC):
         names = list(self.modules)
         prepared = acc.prepare(*self.modules.values(), *self.optimizers.values())
         prepared = prepared if isinstance(prepared, (list, tuple)) else [prepared]
-        self.modules = dict(zip(names, prepared[: len(names)]))
-        self.optimizers = dict(zip(self.optimizers, prepared[len(names):]))
+        self.modules = dict(zip(names, prepared[: len(names)], strict=True))
+        self.optimizers = dict(zip(self.optimizers, prepared[len(names):], strict=True))
         self._grad_norms: dict[str, float] = {}
 
         source = self.resume_source()
@@ -275,18 +275,34 @@ class Trainer(ABC):
     def batches(self) -> Iterator[dict[str, Any]]:
         """Batches from the current data position onwards (this rank's share)."""
         acc = self.accelerator
-        if isinstance(self.dataset, IterableDataset):
-            self.dataset.set_start(self.step * self.global_batch)
-            loader = DataLoader(self.dataset, batch_size=self.cfg.train.batch_size, collate_fn=collate,
+        bs = self.cfg.train.batch_size
+        if isinstance(self.dataset, IterableDataset):  # e.g. webdataset shards, sharded by rank inside
+            yield from self._iterable_batches(bs)
+            return
+        sampler = ResumableBatchSampler(len(self.dataset), bs, seed=self.cfg.data.seed, rank=acc.process_index,
+                                        world_size=acc.num_processes, start_step=self.step)
+        loader = DataLoader(self.dataset, batch_sampler=sampler, collate_fn=collate,
+                            num_workers=self.cfg.train.num_workers)
+        yield from map(self._to_device, loader)
+
+    def _to_device(self, batch: dict[str, Any]) -> dict[str, Any]:
+        return {k: v.to(self.device) if isinstance(v, torch.Tensor) else v for k, v in batch.items()}
+
+    def _iterable_batches(self, bs: int) -> Iterator[dict[str, Any]]:
+        """Epoch after epoch of a streaming dataset (``set_epoch(epoch, skip)`` + ``count_samples()``); with
+        ``drop_last`` every epoch yields the same number of batches, so the position is exact from the step."""
+        if hasattr(self.dataset, "batch_size"):  # hand whole batches to DataLoader workers (exact order)
+            self.dataset.batch_size = bs
+        per_epoch = self.dataset.count_samples() // bs
+        if per_epoch == 0:
+            raise ValueError(f"the dataset has fewer samples per rank than train.batch_size={bs}")
+        epoch, offset = divmod(self.step, per_epoch)
+        while True:
+            self.dataset.set_epoch(epoch, skip=offset * bs)
+            loader = DataLoader(self.dataset, batch_size=bs, collate_fn=collate, drop_last=True,
                                 num_workers=self.cfg.train.num_workers)
-        else:
-            sampler = ResumableBatchSampler(len(self.dataset), self.cfg.train.batch_size, seed=self.cfg.data.seed,
-                                            rank=acc.process_index, world_size=acc.num_processes,
-                                            start_step=self.step)
-            loader = DataLoader(self.dataset, batch_sampler=sampler, collate_fn=collate,
-                                num_workers=self.cfg.train.num_workers)
-        for batch in loader:
-            yield {k: v.to(self.device) if isinstance(v, torch.Tensor) else v for k, v in batch.items()}
+            yield from map(self._to_device, loader)
+            epoch, offset = epoch + 1, 0
 
     # ----------------------------------------------------------------- the loop
     def fit(self) -> Path:

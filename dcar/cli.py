@@ -1,0 +1,34 @@
+"""Shared command-line plumbing for ``scripts/``: where presets live, logging, clean config errors."""
+
+from __future__ import annotations
+
+import logging
+import os
+import sys
+from collections.abc import Callable, Sequence
+from pathlib import Path
+
+from dcar.config.loader import ConfigError, Preset
+
+
+def configs_dir() -> Path:
+    """The ``configs/`` folder: ``$DCAR_CONFIGS``, else the repository checkout holding this package, else ./configs."""
+    if env := os.environ.get("DCAR_CONFIGS"):
+        return Path(env)
+    repo = Path(__file__).resolve().parents[1] / "configs"
+    return repo if repo.is_dir() else Path.cwd() / "configs"
+
+
+def data_preset() -> Preset:
+    """``data=<name>`` picks ``configs/data/<name>.yaml`` and records the name in ``data.name``."""
+    return Preset("data", configs_dir() / "data", target="data", record="data.name")
+
+
+def run_cli(main: Callable[[Sequence[str]], object], argv: Sequence[str] | None = None) -> None:
+    """Run ``main(argv)``; a :class:`ConfigError` prints one clear line and exits with status 2 (no traceback)."""
+    logging.basicConfig(level=os.environ.get("DCAR_LOGLEVEL", "INFO"), format="%(asctime)s %(levelname)s %(name)s: %(message)s")
+    try:
+        main(list(sys.argv[1:] if argv is None else argv))
+    except ConfigError as err:
+        print(f"config error: {err}", file=sys.stderr)
+        sys.exit(2)

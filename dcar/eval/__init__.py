@@ -1,0 +1,1 @@
+"""Evaluation utilities (programmatic scene detectors and scores)."""
