@@ -1,0 +1,165 @@
+"""DC-HT's three-stage adaptation training (DC-AR paper, section 3.1).
+
+==========  ===========================  ======================  ====================================
+stage       decoder input                trained                 losses
+==========  ===========================  ======================  ====================================
+warmup      continuous ``z``             encoder, decoder        recon + LPIPS + GAN
+discrete    quantised ``zq``             encoder, VQ, decoder    recon + LPIPS + GAN + VQ
+alternate   ``z`` or ``zq``, 50/50 per   decoder (+ D)           recon + LPIPS + GAN
+            image                        (encoder, VQ frozen)
+==========  ===========================  ======================  ====================================
+
+The alternate stage's per-image path choice follows HART's hybrid quantizer (``skip_continuous_prob=0.5``); its
+frozen encoder + codebook follows HART's ``freeze_codebook_for_hybrid``. The decoder's BatchNorm layers stay in
+training mode while the decoder trains (batch statistics, running averages updated), as in DC-AE's decoder; the
+frozen encoder and quantizer run in eval mode (:meth:`DCHT.train`). Each stage starts from the previous stage's
+weights through ``init_from``.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+import torch
+from torch import nn
+
+from dcar.config.schema import TrainConfig, choice
+from dcar.data.build import build_dataset
+from dcar.losses.tokenizer_loss import TokenizerLoss, TokenizerLossConfig
+from dcar.models.tokenizer import DCHT, DCHTConfig
+from dcar.train.logging import save_image_grid
+from dcar.train.optim import build_optimizer
+from dcar.train.trainer import Trainer
+
+
+@dataclass(frozen=True)
+class StageSpec:
+    """What one training stage feeds the decoder and which parts it trains."""
+
+    p_continuous: float  # probability that an image takes the continuous path
+    train_encoder: bool
+    train_quantizer: bool
+    use_vq_loss: bool
+
+
+STAGES: dict[str, StageSpec] = {
+    "warmup": StageSpec(p_continuous=1.0, train_encoder=True, train_quantizer=False, use_vq_loss=False),
+    "discrete": StageSpec(p_continuous=0.0, train_encoder=True, train_quantizer=True, use_vq_loss=True),
+    "alternate": StageSpec(p_continuous=0.5, train_encoder=False, train_quantizer=False, use_vq_loss=False),
+}
+
+
+@dataclass
+class TokenizerTrainConfig(TrainConfig):
+    """``scripts/train_tokenizer.py``: the shared keys plus the stage, the DC-HT model and the loss."""
+
+    stage: str = choice("warmup", *STAGES)
+    model: DCHTConfig = field(default_factory=DCHTConfig)
+    loss: TokenizerLossConfig = field(default_factory=TokenizerLossConfig)
+    num_preview: int = 8  # images in the reconstruction grids written at each checkpoint
+
+
+def mix_latents(z: torch.Tensor, zq: torch.Tensor, p_continuous: float) -> tuple[torch.Tensor, torch.Tensor]:
+    """Per image, ``z`` with probability ``p_continuous`` else ``zq``; also returns the boolean choice."""
+    if p_continuous >= 1.0:
+        return z, torch.ones(z.shape[0], dtype=torch.bool, device=z.device)
+    if p_continuous <= 0.0:
+        return zq, torch.zeros(z.shape[0], dtype=torch.bool, device=z.device)
+    pick = torch.rand(z.shape[0], device=z.device) < p_continuous
+    return torch.where(pick[:, None, None, None], z, zq), pick
+
+
+class HybridStep(nn.Module):
+    """The differentiable part of one tokenizer step, wrapped so that DDP sees a single ``forward``."""
+
+    def __init__(self, tokenizer: DCHT) -> None:
+        super().__init__()
+        self.tokenizer = tokenizer
+
+    def forward(self, images: torch.Tensor, p_continuous: float):
+        out = self.tokenizer.encode(images)
+        latent, pick = mix_latents(out.z, out.zq, p_continuous)
+        return self.tokenizer.decode(latent), out, pick
+
+
+class TokenizerTrainer(Trainer):
+    """Trains DC-HT for one stage; ``modules = {"model": HybridStep(DCHT), "disc": PatchGAN}``."""
+
+    cfg: TokenizerTrainConfig
+
+    def __init__(self, cfg: TokenizerTrainConfig, **kwargs: Any) -> None:
+        super().__init__(cfg, **kwargs)
+        self.spec = STAGES[cfg.stage]
+        self.loss_fn = TokenizerLoss(cfg.loss)  # fails here, before training, if LPIPS weights are missing
+
+    def build_dataset(self):
+        acc = self.accelerator
+        return build_dataset(self.cfg.data, "train", acc.process_index, acc.num_processes)
+
+    def build_modules(self) -> dict[str, nn.Module]:
+        tokenizer = DCHT(self.cfg.model)
+        tokenizer.set_trainable(encoder=self.spec.train_encoder, quantizer=self.spec.train_quantizer, decoder=True)
+        modules: dict[str, nn.Module] = {"model": HybridStep(tokenizer)}
+        if self.loss_fn.discriminator is not None:
+            modules["disc"] = self.loss_fn.discriminator
+        self.loss_fn.to(self.device)
+        return modules
+
+    def build_optimizers(self) -> dict[str, torch.optim.Optimizer]:
+        opts = {"model": build_optimizer([self.modules["model"]], self.cfg.optim)}
+        if "disc" in self.modules:
+            opts["disc"] = build_optimizer([self.modules["disc"]], self.cfg.optim, lr_mult=self.cfg.loss.disc_lr_mult)
+        return opts
+
+    def load_init(self, path: str) -> None:
+        """``init_from``: a DC-HT ``save_pretrained`` folder (a previous stage's ``final/``) or a checkpoint."""
+        tokenizer = self.unwrap("model").tokenizer
+        path_ = Path(path)
+        if (path_ / "model.safetensors").is_file() and (path_ / "config.json").is_file():
+            tokenizer.load_state_dict(DCHT.from_pretrained(path_).state_dict())
+        else:
+            super().load_init(path)
+
+    def export_model(self) -> nn.Module:
+        model = self.ema.shadow if self.ema is not None else self.unwrap("model")
+        return model.tokenizer
+
+    def _last_layer(self) -> torch.Tensor:
+        """The decoder's output conv weight: where VQGAN's adaptive GAN weight compares gradient norms."""
+        return self.unwrap("model").tokenizer.decoder.conv_out.conv.weight
+
+    def train_step(self, batch: dict[str, Any], step: int) -> dict[str, float]:
+        images = batch["image"]
+        disc = self.modules.get("disc")
+        if disc is not None:
+            disc.requires_grad_(False)
+        recon, out, pick = self.modules["model"](images, self.spec.p_continuous)
+        vq_loss = out.vq_loss if self.spec.use_vq_loss else None
+        loss, logs = self.loss_fn.generator_loss(images, recon, vq_loss, step, last_layer=self._last_layer())
+        self.optimize("model", loss)
+        logs = {f"loss/{k}" if not k.startswith("loss") else k: v for k, v in logs.items()}
+        logs["loss"] = float(loss.detach())
+        logs["frac_continuous"] = float(pick.float().mean())
+        logs.update({f"vq/{k}": float(v) for k, v in out.stats.items()})
+        if disc is not None and self.loss_fn.discriminator_active(step):
+            disc.requires_grad_(True)
+            d_loss, d_logs = self.loss_fn.discriminator_loss(images, recon.detach(), step)
+            self.optimize("disc", d_loss)
+            logs.update({f"disc/{k}": v for k, v in d_logs.items()})
+        return logs
+
+    @torch.no_grad()
+    def on_checkpoint(self, step: int) -> None:
+        """Write a grid: originals, continuous-path and discrete-path reconstructions (EMA weights if any)."""
+        model = (self.ema.shadow if self.ema is not None else self.unwrap("model")).tokenizer
+        was_training = model.training
+        model.eval()
+        dataset = build_dataset(self.cfg.data, split="heldout")
+        n = min(self.cfg.num_preview, len(dataset))
+        images = torch.stack([dataset[i]["image"] for i in range(n)]).to(self.device)
+        out = model.encode(images)
+        rows = torch.cat([images, model.decode(out.z).clamp(-1, 1), model.decode(out.zq).clamp(-1, 1)])
+        save_image_grid(rows, self.run_dir / "images" / f"recon_{step:08d}.png", nrow=n)
+        model.train(was_training)
