@@ -27,7 +27,7 @@ from torch import nn
 
 from dcar.config.schema import TrainConfig, choice
 from dcar.data.build import build_dataset
-from dcar.losses.tokenizer_loss import TokenizerLoss, TokenizerLossConfig
+from dcar.losses.tokenizer_loss import TokenizerLoss, TokenizerLossConfig, check_loss_assets
 from dcar.models.tokenizer import DCHT, DCHTConfig
 from dcar.train.logging import save_image_grid
 from dcar.train.optim import build_optimizer
@@ -92,13 +92,14 @@ class TokenizerTrainer(Trainer):
     def __init__(self, cfg: TokenizerTrainConfig, **kwargs: Any) -> None:
         super().__init__(cfg, **kwargs)
         self.spec = STAGES[cfg.stage]
-        self.loss_fn = TokenizerLoss(cfg.loss)  # fails here, before training, if LPIPS weights are missing
+        check_loss_assets(cfg.loss)  # a missing LPIPS backbone fails here, before anything is built
 
     def build_dataset(self):
         acc = self.accelerator
         return build_dataset(self.cfg.data, "train", acc.process_index, acc.num_processes)
 
     def build_modules(self) -> dict[str, nn.Module]:
+        self.loss_fn = TokenizerLoss(self.cfg.loss)  # built here, after seeding: the discriminator's init is seeded
         tokenizer = DCHT(self.cfg.model)
         tokenizer.set_trainable(encoder=self.spec.train_encoder, quantizer=self.spec.train_quantizer, decoder=True)
         modules: dict[str, nn.Module] = {"model": HybridStep(tokenizer)}

@@ -306,8 +306,9 @@ class Trainer(ABC):
 
     # ----------------------------------------------------------------- the loop
     def fit(self) -> Path:
-        """Train to ``train.steps``; return the ``final`` folder."""
-        self.setup()
+        """Train to ``train.steps`` (calling :meth:`setup` first unless done); return the ``final`` folder."""
+        if not hasattr(self, "modules"):
+            self.setup()
         cfg, acc = self.cfg, self.accelerator
         for m in self.modules.values():
             m.train()

@@ -1,0 +1,118 @@
+"""DC-HT's three-stage trainer: stage semantics, exact resume with the GAN on, learning, CLI errors."""
+
+from __future__ import annotations
+
+import json
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+import torch
+from safetensors.torch import load_file
+
+from dcar.config import load_config
+from dcar.train.tokenizer import STAGES, TokenizerTrainConfig, TokenizerTrainer, mix_latents
+
+ROOT = Path(__file__).resolve().parents[1]
+TINY = [
+    "config=configs/tokenizer/shapes.yaml",
+    "model.encoder_block_out_channels=[8,8,16,32,32,32]", "model.decoder_block_out_channels=[8,8,16,32,32,32]",
+    "model.encoder_layers_per_block=[0,1,1,1,1,1]", "model.decoder_layers_per_block=[0,1,1,1,1,1]",
+    "model.quantizer.codebook_size=64", "data.resolution=64", "train.batch_size=8", "train.log_every=1",
+    "log.progress=false", "optim.warmup_steps=0",
+]
+
+
+def _cfg(tmp_path: Path, name: str, *extra: str) -> TokenizerTrainConfig:
+    argv = [a.replace("configs/", f"{ROOT}/configs/") for a in TINY]
+    return load_config(TokenizerTrainConfig, [*argv, f"run.dir={tmp_path / name}", *extra])
+
+
+def _trainer(cfg: TokenizerTrainConfig) -> TokenizerTrainer:
+    from accelerate import Accelerator
+
+    return TokenizerTrainer(cfg, accelerator=Accelerator(cpu=True), argv=["test"])
+
+
+def _train(cfg: TokenizerTrainConfig) -> TokenizerTrainer:
+    trainer = _trainer(cfg)
+    trainer.fit()
+    return trainer
+
+
+def _rows(run: Path) -> list[dict]:
+    return [json.loads(line) for line in (run / "metrics.jsonl").read_text().splitlines()]
+
+
+def test_mix_latents_paths():
+    z, zq = torch.randn(400, 2, 1, 1), torch.randn(400, 2, 1, 1)
+    assert torch.equal(mix_latents(z, zq, 1.0)[0], z) and torch.equal(mix_latents(z, zq, 0.0)[0], zq)
+    torch.manual_seed(0)
+    mixed, pick = mix_latents(z, zq, 0.5)
+    assert torch.equal(mixed[pick], z[pick]) and torch.equal(mixed[~pick], zq[~pick])
+    assert 0.42 < pick.float().mean() < 0.58
+    assert STAGES["alternate"].p_continuous == 0.5 and not STAGES["alternate"].train_encoder
+
+
+def test_three_stages_semantics_and_learning(tmp_path):
+    warm = _trainer(_cfg(tmp_path, "warmup", "stage=warmup", "train.steps=40", "train.ckpt_every=40"))
+    warm.setup()
+    codebook0 = warm.unwrap("model").tokenizer.quantizer.embedding.weight.detach().clone()
+    warm.fit()
+    rows = _rows(tmp_path / "warmup")
+    assert all(r["frac_continuous"] == 1.0 for r in rows)
+    assert sum(r["loss"] for r in rows[-5:]) < 0.7 * sum(r["loss"] for r in rows[:5])  # it learns
+    w_final = load_file(str(tmp_path / "warmup" / "final" / "model.safetensors"))
+    assert torch.equal(w_final["quantizer.embedding.weight"], codebook0)  # the warm-up never trains the codebook
+
+    _train(_cfg(tmp_path, "discrete", "stage=discrete", "train.steps=20", "train.ckpt_every=20",
+                f"init_from={tmp_path / 'warmup' / 'final'}"))
+    rows = _rows(tmp_path / "discrete")
+    assert all(r["frac_continuous"] == 0.0 for r in rows) and all("loss/vq" in r and r["loss/vq"] > 0 for r in rows)
+    d_final = load_file(str(tmp_path / "discrete" / "final" / "model.safetensors"))
+    assert not torch.equal(d_final["quantizer.embedding.weight"], w_final["quantizer.embedding.weight"])
+
+    _train(_cfg(tmp_path, "alternate", "stage=alternate", "train.steps=20", "train.ckpt_every=20",
+                f"init_from={tmp_path / 'discrete' / 'final'}"))
+    rows = _rows(tmp_path / "alternate")
+    frac = sum(r["frac_continuous"] for r in rows) / len(rows)
+    assert 0.35 < frac < 0.65 and any(0 < r["frac_continuous"] < 1 for r in rows)
+    a_final = load_file(str(tmp_path / "alternate" / "final" / "model.safetensors"))
+    for key, value in d_final.items():
+        if key.startswith(("encoder.", "quantizer.embedding")):
+            assert torch.equal(value, a_final[key]), f"{key} changed in the alternate stage"
+    changed = [k for k in d_final if k.startswith("decoder.") and not torch.equal(d_final[k], a_final[k])]
+    assert len(changed) > 10  # the decoder trains
+    assert (tmp_path / "alternate" / "images" / "recon_00000020.png").is_file()
+
+
+def test_exact_resume_with_gan(tmp_path):
+    # constant LR: the LR schedule depends on train.steps, which the interrupted first leg shortens
+    gan = ["stage=discrete", "loss.gan_weight=0.5", "loss.disc_start=2", "train.ckpt_every=3", "train.ema_decay=0.9",
+           "optim.schedule=constant"]
+    _train(_cfg(tmp_path, "straight", *gan, "train.steps=6"))
+    _train(_cfg(tmp_path, "split", *gan, "train.steps=3"))
+    _train(_cfg(tmp_path, "split", *gan, "train.steps=6"))  # resume=auto picks step 3
+    for name in ("model", "ema", "disc"):
+        a = load_file(str(tmp_path / "straight" / "checkpoints" / "step_00000006" / f"{name}.safetensors"))
+        b = load_file(str(tmp_path / "split" / "checkpoints" / "step_00000006" / f"{name}.safetensors"))
+        for k in a:
+            assert torch.equal(a[k], b[k]), (name, k)
+    rows = _rows(tmp_path / "straight")
+    assert rows[-1]["disc/disc_factor"] == 1.0 and "disc/d_loss" in rows[-1]
+
+
+@pytest.mark.parametrize(("arg", "message"), [
+    ("stage=foo", "invalid choice 'foo' for 'stage'; valid choices: alternate, discrete, warmup"),
+    ("optim.lrr=1", "unknown key 'optim.lrr' on the command line (did you mean 'optim.lr'?)"),
+    ("data=nope", "invalid choice 'nope' for 'data'; valid choices: imagenet, jsonl, shapes, webdataset"),
+])
+def test_cli_rejects_bad_config_before_building(tmp_path, arg, message):
+    run = tmp_path / "run"
+    proc = subprocess.run([sys.executable, str(ROOT / "scripts" / "train_tokenizer.py"),
+                           f"config={ROOT}/configs/tokenizer/shapes.yaml", f"run.dir={run}", arg],
+                          capture_output=True, text=True, timeout=120, cwd=tmp_path)
+    assert proc.returncode == 2
+    assert message in proc.stderr and "Traceback" not in proc.stderr
+    assert not run.exists()  # nothing was built or written
