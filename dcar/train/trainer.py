@@ -91,7 +91,8 @@ class Trainer(ABC):
         from accelerate import Accelerator
 
         self.cfg = cfg
-        self.accelerator = accelerator or Accelerator(mixed_precision=cfg.train.mixed_precision)
+        self.accelerator = accelerator or Accelerator(
+            mixed_precision=cfg.train.mixed_precision, log_with="wandb" if cfg.log.wandb != "disabled" else None)
         self.run_dir = Path(cfg.run.dir)
         self.ckpt_dir = self.run_dir / "checkpoints"
         self.argv = argv
