@@ -15,10 +15,11 @@ import torch
 from PIL import Image
 from torch.utils.data import DataLoader
 
-from dcar.data.captioned import JsonlCaptionDataset, WebDatasetCaptions, expand_shards
+from dcar.data.captioned import JsonlCaptionDataset
 from dcar.data.collate import collate
 from dcar.data.imagefolder import ImageFolderDataset
 from dcar.data.io import load_rgb
+from dcar.data.shards import WebDatasetCaptions, expand_shards
 from dcar.data.writers import encode_image, write_jsonl_dataset, write_webdataset_shards
 
 R = 8  # output resolution used throughout: tiny images keep the file fast

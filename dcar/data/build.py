@@ -39,7 +39,7 @@ def _jsonl(cfg: DataConfig, split: str, rank: int, world_size: int) -> Dataset:
 
 
 def _webdataset(cfg: DataConfig, split: str, rank: int, world_size: int) -> Dataset:
-    from dcar.data.captioned import WebDatasetCaptions
+    from dcar.data.shards import WebDatasetCaptions
 
     train = split == "train"
     return WebDatasetCaptions(_path(cfg, split), cfg.resolution, random_flip=cfg.random_flip and train,
