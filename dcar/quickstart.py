@@ -1,0 +1,156 @@
+"""The main job on a laptop: train and evaluate the dcar pipeline on the built-in shapes data, end to end.
+
+Phases (each resumable: a finished phase is skipped on re-run, an interrupted training phase continues from its
+newest checkpoint through ``resume=auto``):
+
+1. ``tokenizer/warmup``, ``tokenizer/discrete``, ``tokenizer/alternate``: DC-HT's three stages on shapes
+   (``configs/tokenizer/shapes.yaml``), each initialised from the previous stage's ``final/``;
+2. ``eval_tokenizer``: PSNR / SSIM of both decoding paths on held-out shapes images, codebook usage, and a
+   reconstruction grid.
+
+Outputs in ``out``: ``metrics.json``, ``report.md``, ``recon_grid.png`` and one run directory per training phase.
+``ci=true`` shortens every phase to a few dozen steps (the test variant).
+"""
+
+from __future__ import annotations
+
+import json
+import shlex
+import sys
+import time
+from collections.abc import Callable
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+import torch
+
+from dcar.cli import configs_dir
+from dcar.config.loader import load_config
+
+
+@dataclass
+class QuickstartConfig:
+    """``python scripts/quickstart.py [out=DIR] [seed=N] [ci=true] [device=cpu]``."""
+
+    out: str = "runs/quickstart"
+    seed: int = 0
+    ci: bool = False
+    tokenizer_config: str = ""  # default: configs/tokenizer/shapes.yaml
+    warmup_steps: int = 0  # 0: the steps in the tokenizer config's comments (STAGE_STEPS)
+    discrete_steps: int = 0
+    alternate_steps: int = 0
+    eval_images: int = 256
+    progress: bool = True
+
+
+# Steps per tokenizer stage for the full run and for the CI variant.
+STAGE_STEPS: dict[str, tuple[int, int]] = {"warmup": (600, 12), "discrete": (1200, 12), "alternate": (600, 12)}
+STAGES = ("warmup", "discrete", "alternate")
+
+
+class Quickstart:
+    """Runs the phases in order, records wall time per phase, and writes the report."""
+
+    def __init__(self, cfg: QuickstartConfig, argv: list[str] | None = None) -> None:
+        self.cfg = cfg
+        self.out = Path(cfg.out)
+        self.argv = argv or []
+        self.state_path = self.out / "state.json"
+        self.state: dict[str, Any] = json.loads(self.state_path.read_text()) if self.state_path.is_file() else {
+            "wall_s": {}, "metrics": {}}
+
+    # ------------------------------------------------------------------ bookkeeping
+    def _save_state(self) -> None:
+        self.out.mkdir(parents=True, exist_ok=True)
+        tmp = self.state_path.with_suffix(".tmp")
+        tmp.write_text(json.dumps(self.state, indent=2, sort_keys=True))
+        tmp.replace(self.state_path)
+
+    def phase(self, name: str, fn: Callable[[], dict[str, Any] | None]) -> None:
+        """Run ``fn`` unless the phase finished before; store its wall time and metrics."""
+        if name in self.state["wall_s"]:
+            print(f"[quickstart] {name}: done before, skipped")
+            return
+        print(f"[quickstart] {name} ...")
+        t0 = time.perf_counter()
+        metrics = fn()
+        self.state["wall_s"][name] = round(time.perf_counter() - t0, 1)
+        if metrics:
+            self.state["metrics"].update(metrics)
+        self._save_state()
+
+    # ------------------------------------------------------------------ phases
+    @property
+    def tokenizer_config(self) -> str:
+        return self.cfg.tokenizer_config or str(configs_dir() / "tokenizer" / "shapes.yaml")
+
+    def tokenizer_dir(self, stage: str) -> Path:
+        return self.out / "tokenizer" / stage
+
+    def train_tokenizer(self, stage: str) -> None:
+        from dcar.train.tokenizer import TokenizerTrainConfig, TokenizerTrainer
+
+        cfg = self.cfg
+        steps = getattr(cfg, f"{stage}_steps") or STAGE_STEPS[stage][1 if cfg.ci else 0]
+        argv = [f"config={self.tokenizer_config}", f"stage={stage}",
+                f"run.dir={self.tokenizer_dir(stage)}", f"train.steps={steps}", f"seed={cfg.seed}",
+                f"data.seed={cfg.seed}", f"log.progress={cfg.progress}", f"train.ckpt_every={max(1, steps // 3)}"]
+        if stage != STAGES[0]:
+            argv.append(f"init_from={self.tokenizer_dir(STAGES[STAGES.index(stage) - 1]) / 'final'}")
+        if cfg.ci:
+            argv += ["train.log_every=4"]
+        TokenizerTrainer(load_config(TokenizerTrainConfig, argv), argv=["dcar.quickstart", *argv]).fit()
+
+    def eval_tokenizer(self) -> dict[str, Any]:
+        from dcar.data.shapes import ShapesDataset
+        from dcar.eval.reconstruction import evaluate_reconstruction
+        from dcar.models.tokenizer import DCHT
+        from dcar.train.logging import save_image_grid
+        from dcar.train.tokenizer import TokenizerTrainConfig
+
+        tok = DCHT.from_pretrained(self.tokenizer_dir("alternate") / "final").eval()
+        resolution = load_config(TokenizerTrainConfig, [f"config={self.tokenizer_config}"]).data.resolution
+        data = ShapesDataset("heldout", resolution, size=32 if self.cfg.ci else self.cfg.eval_images, seed=self.cfg.seed)
+        res = evaluate_reconstruction(tok, data, batch_size=32, return_images=8)
+        grid = torch.cat([res["images"][k] for k in ("original", "continuous", "discrete")])
+        save_image_grid(grid, self.out / "recon_grid.png", nrow=8)
+        return {"tokenizer": {
+            "psnr_continuous": res["continuous"]["psnr"], "psnr_discrete": res["discrete"]["psnr"],
+            "ssim_continuous": res["continuous"]["ssim"], "ssim_discrete": res["discrete"]["ssim"],
+            "codebook_usage": res["codebook"]["usage"], "codebook_perplexity": res["codebook"]["perplexity"],
+            "num_images": res["num_images"],
+        }}
+
+    # ------------------------------------------------------------------ driver
+    def run(self) -> dict[str, Any]:
+        torch.manual_seed(self.cfg.seed)
+        for stage in STAGES:
+            self.phase(f"tokenizer_{stage}", lambda stage=stage: self.train_tokenizer(stage))
+        self.phase("eval_tokenizer", self.eval_tokenizer)
+        metrics = {**self.state["metrics"], "wall_s": {**self.state["wall_s"],
+                                                       "total": round(sum(self.state["wall_s"].values()), 1)}}
+        (self.out / "metrics.json").write_text(json.dumps(metrics, indent=2, sort_keys=True))
+        (self.out / "report.md").write_text(self.report(metrics))
+        return metrics
+
+    def report(self, metrics: dict[str, Any]) -> str:
+        tok = metrics.get("tokenizer", {})
+        lines = [
+            "# dcar quickstart report", "",
+            f"Command: `{shlex.join([Path(sys.executable).name, 'scripts/quickstart.py', *self.argv])}`", "",
+            "| metric | value |", "|---|---|",
+            *(f"| tokenizer.{k} | {v:.4g} |" if isinstance(v, float) else f"| tokenizer.{k} | {v} |"
+              for k, v in tok.items()),
+            "", "| phase | wall time (s) |", "|---|---|",
+            *(f"| {k} | {v} |" for k, v in metrics["wall_s"].items()), "",
+            "Images: `recon_grid.png` (rows: held-out originals, continuous path, discrete path).", "",
+            "Config:", "", "```yaml", _yaml(self.cfg), "```", "",
+        ]
+        return "\n".join(lines)
+
+
+def _yaml(cfg: Any) -> str:
+    from dcar.config.loader import to_yaml
+
+    return to_yaml(cfg).rstrip()
