@@ -1,0 +1,151 @@
+"""The DC-AR transformer body: PixArt-alpha blocks with the adaptive norms removed.
+
+Source: PixArt-alpha ``diffusion/model/nets/PixArt.py`` (``PixArtBlock``, ``MultiHeadCrossAttention``,
+``CaptionEmbedder``, ``get_2d_sincos_pos_embed``). Without adaLN-single (no timestep in a token model) a block is
+``x += SelfAttn(LN(x)); x += CrossAttn(x, text); x += MLP(LN(x))`` with PixArt's non-affine LayerNorms (eps 1e-6),
+a fused QKV projection for self-attention, un-normed and un-gated cross-attention (q Linear(C, C), fused kv
+Linear(C, 2C), zero-initialised output projection) and a GELU-tanh MLP. All attention goes through
+``scaled_dot_product_attention``; the text mask is a key-padding mask. The 2-D sin-cos position embedding uses
+PixArt's base-size interpolation and is recomputed for the actual (h, w) on every forward.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import torch
+import torch.nn.functional as F
+from torch import Tensor, nn
+
+__all__ = ["CaptionProjection", "CrossAttention", "DCARBlock", "SelfAttention", "TextKV", "sincos_pos_embed_2d"]
+
+
+def sincos_pos_embed_2d(
+    dim: int, h: int, w: int, base_size: int, interpolation_scale: float = 1.0, device: torch.device | None = None
+) -> Tensor:
+    """PixArt-alpha's 2-D sin-cos embedding (h * w, dim) in row-major (h, w) token order.
+
+    Row ``i`` sits at ``i / (h / base_size) / interpolation_scale`` (columns likewise with ``w``). The first
+    ``dim/2`` channels encode the column (w) coordinate and the last ``dim/2`` the row (h); each half is
+    ``[sin(pos * omega_k), cos(pos * omega_k)]`` with ``omega_k = 10000^(-k / (dim/4))``, ``k < dim/4``.
+    """
+    if dim % 4:
+        raise ValueError(f"dim={dim} must be a multiple of 4")
+    pos_h = torch.arange(h, dtype=torch.float64, device=device) / (h / base_size) / interpolation_scale
+    pos_w = torch.arange(w, dtype=torch.float64, device=device) / (w / base_size) / interpolation_scale
+    omega = 1.0 / 10000.0 ** (torch.arange(dim // 4, dtype=torch.float64, device=device) / (dim / 4))
+
+    def axis(pos: Tensor) -> Tensor:
+        out = pos[:, None] * omega[None]
+        return torch.cat([torch.sin(out), torch.cos(out)], dim=1)
+
+    emb_w = axis(pos_w)[None, :, :].expand(h, w, dim // 2)
+    emb_h = axis(pos_h)[:, None, :].expand(h, w, dim // 2)
+    return torch.cat([emb_w, emb_h], dim=-1).reshape(h * w, dim).float()
+
+
+def _heads(x: Tensor, num_heads: int) -> Tensor:
+    """(B, N, C) -> (B, H, N, C/H)."""
+    b, n, c = x.shape
+    return x.view(b, n, num_heads, c // num_heads).transpose(1, 2)
+
+
+def _merge(x: Tensor) -> Tensor:
+    """(B, H, N, D) -> (B, N, H*D)."""
+    b, h, n, d = x.shape
+    return x.transpose(1, 2).reshape(b, n, h * d)
+
+
+class CaptionProjection(nn.Module):
+    """PixArt's ``CaptionEmbedder`` MLP: Linear(caption_dim, C) -> GELU(tanh) -> Linear(C, C)."""
+
+    def __init__(self, caption_dim: int, width: int) -> None:
+        super().__init__()
+        self.fc1 = nn.Linear(caption_dim, width)
+        self.fc2 = nn.Linear(width, width)
+
+    def forward(self, x: Tensor) -> Tensor:
+        return self.fc2(F.gelu(self.fc1(x), approximate="tanh"))
+
+
+class SelfAttention(nn.Module):
+    """timm-style attention: fused qkv Linear(C, 3C) and proj Linear(C, C), both with bias."""
+
+    def __init__(self, width: int, num_heads: int) -> None:
+        super().__init__()
+        self.num_heads = num_heads
+        self.qkv = nn.Linear(width, 3 * width)
+        self.proj = nn.Linear(width, width)
+
+    def forward(self, x: Tensor) -> Tensor:
+        q, k, v = self.qkv(x).chunk(3, dim=-1)
+        h = self.num_heads
+        out = F.scaled_dot_product_attention(_heads(q, h), _heads(k, h), _heads(v, h))
+        return self.proj(_merge(out))
+
+
+@dataclass
+class TextKV:
+    """Cross-attention keys/values of every block for one batch of captions (see ``DCAR.encode_text``).
+
+    ``keys[i]`` / ``values[i]``: (B, H, L, C/H) for block ``i``; ``mask``: (B, L) bool key-padding mask (True =
+    attend); ``attn_mask``: the (B, 1, 1, L) SDPA mask, ``None`` when no key is padded; ``has_keys``: (B,) bool,
+    False for a sample without any valid key (its cross-attention output is zero).
+    """
+
+    keys: list[Tensor]
+    values: list[Tensor]
+    mask: Tensor
+    attn_mask: Tensor | None
+    has_keys: Tensor
+
+    @staticmethod
+    def masks(mask: Tensor) -> tuple[Tensor | None, Tensor]:
+        """SDPA mask and ``has_keys`` from a (B, L) key-padding mask; fully masked rows attend to all keys."""
+        has_keys = mask.any(dim=1)
+        if bool(mask.all()):
+            return None, has_keys
+        safe = mask | ~has_keys[:, None]  # avoid NaN from an all -inf softmax row; the output is zeroed instead
+        return safe[:, None, None, :], has_keys
+
+
+class CrossAttention(nn.Module):
+    """PixArt's ``MultiHeadCrossAttention``: q Linear(C, C), fused kv Linear(C, 2C), proj Linear(C, C) (zero init)."""
+
+    def __init__(self, width: int, num_heads: int) -> None:
+        super().__init__()
+        self.num_heads = num_heads
+        self.q = nn.Linear(width, width)
+        self.kv = nn.Linear(width, 2 * width)
+        self.proj = nn.Linear(width, width)
+
+    def project_kv(self, text: Tensor) -> tuple[Tensor, Tensor]:
+        """Keys and values (B, H, L, C/H) of the projected caption tokens (B, L, C)."""
+        k, v = self.kv(text).chunk(2, dim=-1)
+        return _heads(k, self.num_heads), _heads(v, self.num_heads)
+
+    def forward(self, x: Tensor, k: Tensor, v: Tensor, attn_mask: Tensor | None, has_keys: Tensor) -> Tensor:
+        q = _heads(self.q(x), self.num_heads)
+        out = F.scaled_dot_product_attention(q, k, v, attn_mask=attn_mask)
+        if attn_mask is not None:
+            out = out * has_keys[:, None, None, None].to(out.dtype)
+        return self.proj(_merge(out))
+
+
+class DCARBlock(nn.Module):
+    """``x += SA(LN(x)); x += CA(x, text); x += MLP(LN(x))`` (PixArtBlock without adaLN-single)."""
+
+    def __init__(self, width: int, num_heads: int, mlp_ratio: float = 4.0) -> None:
+        super().__init__()
+        hidden = int(width * mlp_ratio)
+        self.norm1 = nn.LayerNorm(width, elementwise_affine=False, eps=1e-6)
+        self.attn = SelfAttention(width, num_heads)
+        self.cross_attn = CrossAttention(width, num_heads)
+        self.norm2 = nn.LayerNorm(width, elementwise_affine=False, eps=1e-6)
+        self.fc1 = nn.Linear(width, hidden)
+        self.fc2 = nn.Linear(hidden, width)
+
+    def forward(self, x: Tensor, k: Tensor, v: Tensor, attn_mask: Tensor | None, has_keys: Tensor) -> Tensor:
+        x = x + self.attn(self.norm1(x))
+        x = x + self.cross_attn(x, k, v, attn_mask, has_keys)
+        return x + self.fc2(F.gelu(self.fc1(self.norm2(x)), approximate="tanh"))
