@@ -17,6 +17,7 @@ not trained modules; their locations are recorded in the run's ``config.yaml``.
 from __future__ import annotations
 
 import dataclasses
+import json
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -42,7 +43,9 @@ class GeneratorTrainConfig(TrainConfig):
     caption_dropout: float = 0.1
     label_smoothing: float = 0.1
     head_loss_weight: float = 1.0
-    residual_scale_quantile: float = 0.999  # used when model.head.residual_scale <= 0 (estimated from the data)
+    # Replace model.head.residual_scale by this quantile of |z - zq| over 256 training images (the head's targets
+    # are residual / scale, so clipping at +-1 keeps nearly all of them); 0 keeps the configured value.
+    residual_scale_quantile: float = 0.999
     num_preview: int = 8
 
 
@@ -127,7 +130,10 @@ class GeneratorTrainer(Trainer):
         self.tokenizer = DCHT.from_pretrained(cfg.tokenizer).to(self.device).eval().requires_grad_(False)
         self.text_encoder = build_frozen_text_encoder(cfg, self.run_dir).to(self.device)
         model_cfg = cfg.model
-        if model_cfg.use_head and model_cfg.head.residual_scale <= 0:
+        if model_cfg.use_head and cfg.init_from:  # keep the scale the initial head was trained with
+            scale = json.loads((Path(cfg.init_from) / "config.json").read_text())["head"]["residual_scale"]
+            model_cfg = dataclasses.replace(model_cfg, head=dataclasses.replace(model_cfg.head, residual_scale=scale))
+        elif model_cfg.use_head and cfg.residual_scale_quantile > 0:
             n = min(len(self.dataset), 256)
             images = torch.stack([self.dataset[i]["image"] for i in range(n)]).to(self.device)
             scale = estimate_residual_scale(self.tokenizer, images, cfg.residual_scale_quantile)
