@@ -219,10 +219,9 @@ class DiffusionHead(nn.Module):
             eps, v = out[:n, :d], out[:n, d:]
             if uncond is not None:
                 eps = out[n:, :d] + guidance_scale * (eps - out[n:, :d])
-            if self.config.loss == "mse":
-                v = torch.full_like(v, -1.0)  # untrained variance channel: the fixed posterior variance
-            else:  # learned range interpolates between beta and the posterior variance only for v in [-1, 1]
-                v = v.clamp(-1.0, 1.0)
+            # mse: the variance channel is untrained, use the fixed posterior variance; mse+vlb: the learned range
+            # interpolates between beta and the posterior variance only for v in [-1, 1]
+            v = torch.full_like(v, -1.0) if self.config.loss == "mse" else v.clamp(-1.0, 1.0)
             step = sched.step(torch.cat([eps, v], dim=1), t, x, generator=generator)
             if temperature != 1.0 and t > 0:
                 t_prev = timesteps[i + 1] if i + 1 < len(timesteps) else -1
