@@ -6,9 +6,15 @@ newest checkpoint through ``resume=auto``):
 1. ``tokenizer/warmup``, ``tokenizer/discrete``, ``tokenizer/alternate``: DC-HT's three stages on shapes
    (``configs/tokenizer/shapes.yaml``), each initialised from the previous stage's ``final/``;
 2. ``eval_tokenizer``: PSNR / SSIM of both decoding paths on held-out shapes images, codebook usage, and a
-   reconstruction grid.
+   reconstruction grid;
+3. ``generator``: DC-AR (hybrid: discrete tokens + diffusion head) on shapes captions
+   (``configs/generator/shapes.yaml``) on top of the frozen tokenizer; writes ``generator/pipeline``;
+4. ``samples``: held-out captions (never seen in training) sampled with 12 MaskGIT steps and CFG: a captioned grid;
+5. ``residual_gain``: ground-truth tokens of held-out images + residuals sampled by the head, decoded, against the
+   originals: PSNR of tokens + sampled residuals vs tokens alone vs the continuous path.
 
-Outputs in ``out``: ``metrics.json``, ``report.md``, ``recon_grid.png`` and one run directory per training phase.
+Outputs in ``out``: ``metrics.json``, ``report.md``, ``recon_grid.png``, ``samples_grid.png`` and one run directory
+per training phase.
 ``ci=true`` shortens every phase to a few dozen steps (the test variant).
 """
 
@@ -40,13 +46,18 @@ class QuickstartConfig:
     warmup_steps: int = 0  # 0: the steps in the tokenizer config's comments (STAGE_STEPS)
     discrete_steps: int = 0
     alternate_steps: int = 0
+    generator_config: str = ""  # default: configs/generator/shapes.yaml
+    generator_steps: int = 0  # 0: GENERATOR_STEPS
     eval_images: int = 256
+    num_captions: int = 64  # held-out captions sampled for the grid and ShapesEval
+    guidance_scale: float = 4.5
     progress: bool = True
 
 
 # Steps per tokenizer stage for the full run and for the CI variant.
 STAGE_STEPS: dict[str, tuple[int, int]] = {"warmup": (600, 12), "discrete": (1200, 12), "alternate": (600, 12)}
 STAGES = ("warmup", "discrete", "alternate")
+GENERATOR_STEPS = (1500, 12)
 
 
 class Quickstart:
@@ -107,11 +118,9 @@ class Quickstart:
         from dcar.eval.reconstruction import evaluate_reconstruction
         from dcar.models.tokenizer import DCHT
         from dcar.train.logging import save_image_grid
-        from dcar.train.tokenizer import TokenizerTrainConfig
-
         tok = DCHT.from_pretrained(self.tokenizer_dir("alternate") / "final").eval()
-        resolution = load_config(TokenizerTrainConfig, [f"config={self.tokenizer_config}"]).data.resolution
-        data = ShapesDataset("heldout", resolution, size=32 if self.cfg.ci else self.cfg.eval_images, seed=self.cfg.seed)
+        data = ShapesDataset("heldout", self.resolution, size=32 if self.cfg.ci else self.cfg.eval_images,
+                             seed=self.cfg.seed)
         res = evaluate_reconstruction(tok, data, batch_size=32, return_images=8)
         grid = torch.cat([res["images"][k] for k in ("original", "continuous", "discrete")])
         save_image_grid(grid, self.out / "recon_grid.png", nrow=8)
@@ -122,12 +131,74 @@ class Quickstart:
             "num_images": res["num_images"],
         }}
 
+    @property
+    def resolution(self) -> int:
+        from dcar.train.tokenizer import TokenizerTrainConfig
+
+        return load_config(TokenizerTrainConfig, [f"config={self.tokenizer_config}"]).data.resolution
+
+    def train_generator(self) -> None:
+        from dcar.train.generator import GeneratorTrainConfig, GeneratorTrainer
+
+        cfg, res = self.cfg, self.resolution
+        steps = cfg.generator_steps or GENERATOR_STEPS[1 if cfg.ci else 0]
+        argv = [f"config={cfg.generator_config or configs_dir() / 'generator' / 'shapes.yaml'}",
+                f"tokenizer={self.tokenizer_dir('alternate') / 'final'}", f"run.dir={self.out / 'generator'}",
+                f"train.steps={steps}", f"train.ckpt_every={max(1, steps // 3)}", f"seed={cfg.seed}",
+                f"data.seed={cfg.seed}", f"data.resolution={res}", f"model.image_size={res}",
+                f"model.pos_base_size={res // 32}", f"log.progress={cfg.progress}"]
+        if cfg.ci:
+            argv += ["train.log_every=4", "num_preview=2"]
+        GeneratorTrainer(load_config(GeneratorTrainConfig, argv), argv=["dcar.quickstart", *argv]).fit()
+
+    def pipeline(self):
+        from dcar.pipeline import DCARPipeline
+
+        return DCARPipeline.from_pretrained(self.out / "generator" / "pipeline")
+
+    def heldout(self, n: int):
+        from dcar.data.shapes import ShapesDataset
+
+        return ShapesDataset("heldout", self.resolution, size=n, seed=self.cfg.seed)
+
+    def sample_grid(self) -> None:
+        from dcar.train.logging import save_image_grid
+
+        data = self.heldout(16)
+        captions = [data[i]["caption"] for i in range(len(data))]
+        images = self.pipeline()(captions, guidance_scale=self.cfg.guidance_scale, seed=self.cfg.seed)
+        save_image_grid(images, self.out / "samples_grid.png", nrow=8, captions=captions)
+
+    @torch.no_grad()
+    def residual_gain(self) -> dict[str, Any]:
+        """PSNR of decode(tokens + head-sampled residuals) vs decode(tokens) vs decode(z), on held-out images."""
+        from dcar.eval.reconstruction import psnr_per_image
+
+        pipe = self.pipeline()
+        data = self.heldout(32 if self.cfg.ci else 128)
+        psnr: dict[str, list[float]] = {"tokens": [], "tokens_plus_sampled_residual": [], "continuous": []}
+        for start in range(0, len(data), 32):
+            items = [data[i] for i in range(start, min(start + 32, len(data)))]
+            images = torch.stack([it["image"] for it in items]).to(pipe.device)
+            enc = pipe.tokenizer.eval().encode(images)
+            residual = pipe.refine_residuals(enc.indices, [it["caption"] for it in items], seed=self.cfg.seed + start)
+            recon = {"tokens": pipe.decode(enc.indices), "continuous": pipe.tokenizer.decode(enc.z).clamp(-1, 1),
+                     "tokens_plus_sampled_residual": pipe.decode(enc.indices, residual)}
+            for k, v in recon.items():
+                psnr[k].extend(psnr_per_image(images, v).tolist())
+        mean = {k: sum(v) / len(v) for k, v in psnr.items()}
+        return {"residual": {f"psnr_{k}": v for k, v in mean.items()},
+                "residual_gain_db": mean["tokens_plus_sampled_residual"] - mean["tokens"]}
+
     # ------------------------------------------------------------------ driver
     def run(self) -> dict[str, Any]:
         torch.manual_seed(self.cfg.seed)
         for stage in STAGES:
             self.phase(f"tokenizer_{stage}", lambda stage=stage: self.train_tokenizer(stage))
         self.phase("eval_tokenizer", self.eval_tokenizer)
+        self.phase("generator", self.train_generator)
+        self.phase("samples", self.sample_grid)
+        self.phase("residual_gain", self.residual_gain)
         metrics = {**self.state["metrics"], "wall_s": {**self.state["wall_s"],
                                                        "total": round(sum(self.state["wall_s"].values()), 1)}}
         (self.out / "metrics.json").write_text(json.dumps(metrics, indent=2, sort_keys=True))
@@ -135,19 +206,26 @@ class Quickstart:
         return metrics
 
     def report(self, metrics: dict[str, Any]) -> str:
-        tok = metrics.get("tokenizer", {})
+        rows = [(k, v) for k, v in _flatten(metrics) if not k.startswith("wall_s")]
         lines = [
             "# dcar quickstart report", "",
             f"Command: `{shlex.join([Path(sys.executable).name, 'scripts/quickstart.py', *self.argv])}`", "",
             "| metric | value |", "|---|---|",
-            *(f"| tokenizer.{k} | {v:.4g} |" if isinstance(v, float) else f"| tokenizer.{k} | {v} |"
-              for k, v in tok.items()),
+            *(f"| {k} | {v:.4g} |" if isinstance(v, float) else f"| {k} | {v} |" for k, v in rows),
             "", "| phase | wall time (s) |", "|---|---|",
             *(f"| {k} | {v} |" for k, v in metrics["wall_s"].items()), "",
-            "Images: `recon_grid.png` (rows: held-out originals, continuous path, discrete path).", "",
+            "Images: `recon_grid.png` (rows: held-out originals, continuous path, discrete path), "
+            "`samples_grid.png` (held-out captions, never seen in training).", "",
             "Config:", "", "```yaml", _yaml(self.cfg), "```", "",
         ]
         return "\n".join(lines)
+
+
+def _flatten(tree: dict[str, Any], prefix: str = "") -> list[tuple[str, Any]]:
+    out: list[tuple[str, Any]] = []
+    for k, v in tree.items():
+        out += _flatten(v, f"{prefix}{k}.") if isinstance(v, dict) else [(f"{prefix}{k}", v)]
+    return out
 
 
 def _yaml(cfg: Any) -> str:

@@ -19,22 +19,29 @@ def test_quickstart_ci_runs_every_phase_and_resumes(tmp_path):
     assert set(tok) >= {"psnr_continuous", "psnr_discrete", "ssim_continuous", "codebook_usage"}
     assert 5.0 < tok["psnr_discrete"] < 60.0 and 0.0 < tok["codebook_usage"] <= 1.0
     assert set(metrics["wall_s"]) == {"tokenizer_warmup", "tokenizer_discrete", "tokenizer_alternate",
-                                      "eval_tokenizer", "total"}
+                                      "eval_tokenizer", "generator", "samples", "residual_gain", "total"}
+    res = metrics["residual"]
+    assert metrics["residual_gain_db"] == res["psnr_tokens_plus_sampled_residual"] - res["psnr_tokens"]
+    assert abs(res["psnr_tokens"] - tok["psnr_discrete"]) < 3.0  # tokens alone == the discrete path (fewer images)
     assert json.loads((tmp_path / "metrics.json").read_text()) == metrics
     report = (tmp_path / "report.md").read_text()
     assert f"| tokenizer.psnr_continuous | {tok['psnr_continuous']:.4g} |" in report and "seed: 3" in report
     grid = np.asarray(Image.open(tmp_path / "recon_grid.png"))
     assert grid.shape[0] > 3 * 64 and grid.shape[1] > 8 * 64  # 3 rows x 8 held-out images at 64 px
+    samples = np.asarray(Image.open(tmp_path / "samples_grid.png"))
+    assert samples.shape[0] > 2 * 64 and samples.shape[1] > 8 * 64  # 16 captioned samples, 8 per row
+    assert (tmp_path / "generator" / "pipeline" / "generator" / "model.safetensors").is_file()
     for stage in ("warmup", "discrete", "alternate"):
         assert (tmp_path / "tokenizer" / stage / "final" / "model.safetensors").is_file()
         assert (tmp_path / "tokenizer" / stage / "config.yaml").is_file()
 
-    # an interrupted run: the last training phase lost its final export and the evaluation never ran
+    # an interrupted run: the generator phase lost its final export and nothing after it ran
     state = json.loads((tmp_path / "state.json").read_text())
-    for phase in ("tokenizer_alternate", "eval_tokenizer"):
+    for phase in ("generator", "samples", "residual_gain"):
         del state["wall_s"][phase]
     (tmp_path / "state.json").write_text(json.dumps(state))
-    shutil.rmtree(tmp_path / "tokenizer" / "alternate" / "final")
+    shutil.rmtree(tmp_path / "generator" / "final")
+    shutil.rmtree(tmp_path / "generator" / "pipeline")
     again = Quickstart(cfg).run()
-    assert again["tokenizer"] == tok  # resumed from the stage's checkpoint: identical weights, identical metrics
+    assert again["residual"] == res  # resumed from the phase's checkpoint: identical weights, identical metrics
     assert again["wall_s"]["tokenizer_warmup"] == metrics["wall_s"]["tokenizer_warmup"]  # not re-run

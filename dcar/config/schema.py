@@ -32,11 +32,9 @@ class LoopConfig:
 
     steps: int = 1000
     batch_size: int = 16
-    grad_accum: int = 1
     ckpt_every: int = 500
     keep_last: int = 3
     log_every: int = 10
-    image_every: int = 0  # 0: only at the end
     mixed_precision: str = choice("no", "no", "fp16", "bf16")
     grad_clip: float = 1.0  # 0 disables clipping
     ema_decay: float = 0.0  # 0 disables EMA

@@ -152,6 +152,18 @@ class GeneratorTrainer(Trainer):
     def export_model(self) -> nn.Module:
         return (self.ema.shadow if self.ema is not None else self.unwrap("model")).generator
 
+    def fit(self) -> Path:
+        """Train, then also write a complete sampling pipeline (tokenizer + generator + text encoder) to
+        ``<run.dir>/pipeline`` for ``scripts/sample.py pipeline=...`` and the evaluation commands."""
+        from dcar.pipeline import DCARPipeline
+
+        final = super().fit()
+        if self.accelerator.is_main_process:
+            pipe = DCARPipeline(self.tokenizer, DCAR.from_pretrained(final).to(self.device), self.text_encoder)
+            pipe.save_pretrained(self.run_dir / "pipeline")
+        self.accelerator.wait_for_everyone()
+        return final
+
     def train_step(self, batch: dict[str, Any], step: int) -> dict[str, float]:
         images, captions = batch["image"], batch["caption"]
         with torch.no_grad():

@@ -1,0 +1,179 @@
+"""ShapesEval (dcar.eval.shapes_eval, scripts/eval_shapes.py): the scorer on ground-truth renders and shuffled
+captions, aggregation, perfect / wrong fake pipelines, use_head pass-through, and an interrupted + resumed run."""
+
+import json
+import runpy
+from pathlib import Path
+
+import numpy as np
+import pytest
+import torch
+
+from dcar.config import ConfigError
+from dcar.data.shapes import Scene, ShapesDataset, caption_split, parse_caption, render_array
+from dcar.eval.shapes_eval import aggregate, evaluate_shapes, heldout_captions, scene_for, validate_scorer
+
+ROOT = Path(__file__).resolve().parents[1]
+CAPTIONS = ["a red circle to the left of a blue square", "three green triangles", "a yellow diamond above a red circle",
+            "two blue circles"]
+
+
+def test_scorer_on_ground_truth_and_shuffled_captions():
+    report = validate_scorer(200, resolution=64)
+    assert report["true_full_rate"] >= 0.99
+    assert report["shuffled_full_rate"] <= 0.05
+
+
+def test_scene_for_captions_scenes_and_dicts():
+    scene = scene_for("three green triangles")
+    assert scene.kind == "count" and [(o.color, o.shape) for o in scene.objects] == [("green", "triangle")] * 3
+    rel = scene_for(CAPTIONS[0], resolution=128)
+    assert rel.relation == "left of" and rel.caption == CAPTIONS[0] and rel.resolution == 128
+    assert scene_for(rel) is rel and scene_for(rel.to_dict()) == rel
+    with pytest.raises(ValueError):
+        scene_for("a purple elephant")
+
+
+def test_heldout_captions_subset():
+    all_caps = heldout_captions()
+    assert all_caps == sorted(all_caps) and len(all_caps) > 100
+    assert all(caption_split(c, 0) == "heldout" for c in all_caps[:50])
+    sub = heldout_captions(20, seed=1)
+    assert len(sub) == 20 and sub == sorted(sub) and set(sub) <= set(all_caps) and sub == heldout_captions(20, seed=1)
+    assert sub != heldout_captions(20, seed=2)
+
+
+def test_aggregate():
+    recs = [
+        {"index": 0, "kind": "relation", "color": True, "shape": True, "count": True, "relation": False, "full": False},
+        {"index": 0, "kind": "relation", "color": True, "shape": True, "count": True, "relation": True, "full": True},
+        {"index": 1, "kind": "count", "color": True, "shape": False, "count": False, "relation": None, "full": False},
+        {"index": 2, "kind": "count", "color": False, "shape": True, "count": True, "relation": None, "full": False},
+    ]
+    out = aggregate(recs)
+    s = out["scores"]
+    assert s["color"] == 0.75 and s["shape"] == 0.75 and s["count"] == 0.75 and s["full"] == 0.25
+    assert s["relation"] == 0.5 and s["num_relation_images"] == 2  # over relation images only
+    assert s["full_any_sample"] == pytest.approx(1 / 3) and s["num_captions"] == 3 and s["num_images"] == 4
+    assert out["by_kind"]["count"]["relation"] is None and out["by_kind"]["relation"]["full"] == 0.5
+    with pytest.raises(ValueError):
+        aggregate([])
+
+
+class RenderPipe:
+    """Fake pipeline drawing the ground truth of each prompt (``offset=1``: of the next caption in CAPTIONS)."""
+
+    def __init__(self, offset=0):
+        self.offset, self.kwargs = offset, []
+
+    def __call__(self, prompts, seed=None, **kw):
+        self.kwargs.append({"seed": seed, **kw})
+        caps = [CAPTIONS[(CAPTIONS.index(p) + self.offset) % len(CAPTIONS)] for p in prompts]
+        arrs = [render_array(scene_for(c, 64)) for c in caps]
+        return torch.from_numpy(np.stack(arrs)).permute(0, 3, 1, 2).float() / 127.5 - 1
+
+
+def test_perfect_and_wrong_pipelines(tmp_path):
+    good = RenderPipe()
+    res = evaluate_shapes(good, CAPTIONS, tmp_path / "good", n_per_caption=2, batch_size=3, seed=5,
+                          guidance_scale=3.0, use_head=False, progress=False)
+    assert res["scores"]["full"] == 1.0 and res["scores"]["relation"] == 1.0 and res["num_failures"] == 0
+    assert res["failures_grid"] is None and res["num_images"] == 8 and res["by_kind"]["count"]["num_images"] == 4
+    assert [k["seed"] for k in good.kwargs] == [5, 6, 7] and all(k["use_head"] is False for k in good.kwargs)
+    assert good.kwargs[0]["guidance_scale"] == 3.0 and res["sampler"]["use_head"] is False
+    assert sorted(p.name for p in (tmp_path / "good" / "images").iterdir())[:3] == ["00000_00.png", "00000_01.png",
+                                                                                    "00001_00.png"]
+    rows = [json.loads(x) for x in (tmp_path / "good" / "per_image.jsonl").read_text().splitlines()]
+    assert len(rows) == 8 and rows[2]["caption"] == CAPTIONS[1] and len(rows[2]["detections"]) == 3
+    bad = evaluate_shapes(RenderPipe(offset=1), CAPTIONS, tmp_path / "bad", progress=False)
+    assert bad["scores"]["full"] == 0.0 and bad["num_failures"] == 4 and (tmp_path / "bad" / "failures.png").is_file()
+    assert json.loads((tmp_path / "bad" / "shapes_eval.json").read_text()) == bad
+    rescored = evaluate_shapes(None, CAPTIONS, tmp_path / "bad", progress=False)  # score existing images
+    assert rescored["scores"] == bad["scores"]
+    with pytest.raises(ConfigError, match="no pipeline"):
+        evaluate_shapes(None, CAPTIONS, tmp_path / "empty", progress=False)
+    with pytest.raises(ConfigError, match="captions"):
+        evaluate_shapes(RenderPipe(), CAPTIONS[:2], tmp_path / "good", n_per_caption=2, batch_size=3, seed=5,
+                        guidance_scale=3.0, use_head=False, progress=False)
+
+
+def test_scene_objects_and_dataset_scenes_can_be_evaluated(tmp_path):
+    ds = ShapesDataset("heldout", resolution=64, size=3)
+    scenes = [ds.scene(i) for i in range(3)]
+
+    def pipe(prompts, seed=None, **kw):
+        by_caption = {s.caption: s for s in scenes}
+        arrs = [render_array(by_caption[p]) for p in prompts]
+        return torch.from_numpy(np.stack(arrs)).permute(0, 3, 1, 2).float() / 127.5 - 1
+
+    res = evaluate_shapes(pipe, [scenes[0], scenes[1].to_dict(), scenes[2].caption], tmp_path, progress=False,
+                          guidance_scale=1.0)
+    assert res["scores"]["full"] == 1.0 and isinstance(scenes[0], Scene)
+    assert parse_caption(scenes[2].caption).kind in ("relation", "count")
+
+
+@pytest.fixture(scope="module")
+def tiny_pipe():
+    from dcar.models.generator import DCAR, DCARConfig, HeadConfig, TextEncoder, TextEncoderConfig, build_word_tokenizer
+    from dcar.models.tokenizer import build_tokenizer
+    from dcar.pipeline import DCARPipeline
+
+    torch.manual_seed(0)
+    tokenizer = build_tokenizer(ROOT / "configs" / "tokenizer" / "shapes.yaml").eval()
+    import tempfile
+
+    words = tempfile.mkdtemp()
+    build_word_tokenizer(CAPTIONS, words)
+    text = TextEncoder(TextEncoderConfig(kind="t5-random", tokenizer_path=words, max_length=8,
+                                         t5_config={"d_model": 32, "d_kv": 8, "d_ff": 64, "num_layers": 1, "num_heads": 4}))
+    head = HeadConfig(token_dim=32, width=48, depth=2, num_sampling_steps=2)
+    generator = DCAR(DCARConfig(codebook_size=1024, num_layers=2, width=64, num_heads=4, caption_dim=32, max_text_len=8,
+                                image_size=64, pos_base_size=2, head=head)).eval()
+    with torch.no_grad():
+        for p in generator.parameters():
+            if not p.any():
+                p.normal_(0, 0.05)
+    return DCARPipeline(tokenizer, generator, text)
+
+
+def test_interrupted_run_resumes_to_the_same_json(tiny_pipe, tmp_path):
+    calls = {"n": 0, "stop": 2}
+
+    def crashing(prompts, **kw):
+        calls["n"] += 1
+        if calls["n"] == calls["stop"]:
+            raise KeyboardInterrupt
+        return tiny_pipe(prompts, **kw)
+
+    kw = dict(n_per_caption=2, batch_size=4, seed=3, num_steps=2, guidance_scale=2.0, pipeline_path="tiny",
+              progress=False)
+    fresh = evaluate_shapes(tiny_pipe, CAPTIONS, tmp_path / "fresh", **kw)
+    with pytest.raises(KeyboardInterrupt):
+        evaluate_shapes(crashing, CAPTIONS, tmp_path / "resumed", **kw)
+    assert len(list((tmp_path / "resumed" / "images").glob("*.png"))) == 4
+    calls.update(n=0, stop=None)
+    resumed = evaluate_shapes(crashing, CAPTIONS, tmp_path / "resumed", **kw)
+    assert calls["n"] == 1  # the second batch only
+    assert resumed == fresh == json.loads((tmp_path / "resumed" / "shapes_eval.json").read_text())
+    for p in (tmp_path / "fresh" / "images").iterdir():
+        assert p.read_bytes() == (tmp_path / "resumed" / "images" / p.name).read_bytes()
+    # the discrete-only ablation reaches the pipeline and changes the images
+    disc = evaluate_shapes(tiny_pipe, CAPTIONS[:1], tmp_path / "disc", **{**kw, "n_per_caption": 1}, use_head=False)
+    hyb = evaluate_shapes(tiny_pipe, CAPTIONS[:1], tmp_path / "hyb", **{**kw, "n_per_caption": 1})
+    assert disc["sampler"]["use_head"] is False and hyb["sampler"]["use_head"] is True
+    a, b = ((tmp_path / d / "images" / "00000_00.png").read_bytes() for d in ("disc", "hyb"))
+    assert a != b
+
+
+def test_script(tiny_pipe, tmp_path, capsys):
+    tiny_pipe.save_pretrained(tmp_path / "pipe")
+    mod = runpy.run_path(str(ROOT / "scripts" / "eval_shapes.py"))
+    res = mod["main"]([f"pipeline={tmp_path / 'pipe'}", f"out={tmp_path / 'out'}", "num_captions=3", "num_steps=2",
+                       "use_head=false", "seed=1"])
+    assert res["num_captions"] == 3 and res["sampler"]["use_head"] is False and res["pipeline"] == str(tmp_path / "pipe")
+    assert "heldout" in res["captions_source"] and (tmp_path / "out" / "shapes_eval.json").is_file()
+    assert "shapes eval:" in capsys.readouterr().out
+    report = mod["main"](["validate=true", "validate_images=50"])
+    assert report["true_full_rate"] >= 0.99
+    with pytest.raises(ConfigError, match="not a shapes caption"):
+        mod["main"]([f"pipeline={tmp_path / 'pipe'}", "captions=a photo of a cat"])
