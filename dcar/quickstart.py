@@ -10,7 +10,9 @@ newest checkpoint through ``resume=auto``):
 3. ``generator``: DC-AR (hybrid: discrete tokens + diffusion head) on shapes captions
    (``configs/generator/shapes.yaml``) on top of the frozen tokenizer; writes ``generator/pipeline``;
 4. ``samples``: held-out captions (never seen in training) sampled with 12 MaskGIT steps and CFG: a captioned grid;
-5. ``residual_gain``: ground-truth tokens of held-out images + residuals sampled by the head, decoded, against the
+5. ``shapes_eval_hybrid`` / ``shapes_eval_discrete_only``: ShapesEval on held-out captions with the diffusion head
+   on, and with it off (the same generator decoding its tokens alone: the paper's Table 4 at toy scale);
+6. ``residual_gain``: ground-truth tokens of held-out images + residuals sampled by the head, decoded, against the
    originals: PSNR of tokens + sampled residuals vs tokens alone vs the continuous path.
 
 Outputs in ``out``: ``metrics.json``, ``report.md``, ``recon_grid.png``, ``samples_grid.png`` and one run directory
@@ -88,7 +90,7 @@ class Quickstart:
         metrics = fn()
         self.state["wall_s"][name] = round(time.perf_counter() - t0, 1)
         if metrics:
-            self.state["metrics"].update(metrics)
+            _merge(self.state["metrics"], metrics)
         self._save_state()
 
     # ------------------------------------------------------------------ phases
@@ -170,6 +172,19 @@ class Quickstart:
         save_image_grid(images, self.out / "samples_grid.png", nrow=8, captions=captions)
 
     @torch.no_grad()
+    def shapes_eval(self, use_head: bool) -> dict[str, Any]:
+        from dcar.eval.shapes_eval import evaluate_shapes
+
+        name = "hybrid" if use_head else "discrete_only"
+        data = self.heldout(4096)
+        captions = sorted(data.captions())[: 8 if self.cfg.ci else self.cfg.num_captions]
+        res = evaluate_shapes(self.pipeline(), captions, self.out / "shapes_eval" / name, seed=self.cfg.seed,
+                              guidance_scale=self.cfg.guidance_scale, use_head=use_head,
+                              progress=self.cfg.progress)
+        keys = ("color", "shape", "count", "relation", "full")
+        return {"shapes_eval": {name: {k: res["scores"][k] for k in keys}}}
+
+    @torch.no_grad()
     def residual_gain(self) -> dict[str, Any]:
         """PSNR of decode(tokens + head-sampled residuals) vs decode(tokens) vs decode(z), on held-out images."""
         from dcar.eval.reconstruction import psnr_per_image
@@ -198,6 +213,8 @@ class Quickstart:
         self.phase("eval_tokenizer", self.eval_tokenizer)
         self.phase("generator", self.train_generator)
         self.phase("samples", self.sample_grid)
+        self.phase("shapes_eval_hybrid", lambda: self.shapes_eval(use_head=True))
+        self.phase("shapes_eval_discrete_only", lambda: self.shapes_eval(use_head=False))
         self.phase("residual_gain", self.residual_gain)
         metrics = {**self.state["metrics"], "wall_s": {**self.state["wall_s"],
                                                        "total": round(sum(self.state["wall_s"].values()), 1)}}
@@ -219,6 +236,15 @@ class Quickstart:
             "Config:", "", "```yaml", _yaml(self.cfg), "```", "",
         ]
         return "\n".join(lines)
+
+
+def _merge(into: dict[str, Any], new: dict[str, Any]) -> None:
+    """Deep-merge ``new`` into ``into`` (nested metric groups from several phases)."""
+    for k, v in new.items():
+        if isinstance(v, dict) and isinstance(into.get(k), dict):
+            _merge(into[k], v)
+        else:
+            into[k] = v
 
 
 def _flatten(tree: dict[str, Any], prefix: str = "") -> list[tuple[str, Any]]:

@@ -19,7 +19,13 @@ def test_quickstart_ci_runs_every_phase_and_resumes(tmp_path):
     assert set(tok) >= {"psnr_continuous", "psnr_discrete", "ssim_continuous", "codebook_usage"}
     assert 5.0 < tok["psnr_discrete"] < 60.0 and 0.0 < tok["codebook_usage"] <= 1.0
     assert set(metrics["wall_s"]) == {"tokenizer_warmup", "tokenizer_discrete", "tokenizer_alternate",
-                                      "eval_tokenizer", "generator", "samples", "residual_gain", "total"}
+                                      "eval_tokenizer", "generator", "samples", "shapes_eval_hybrid",
+                                      "shapes_eval_discrete_only", "residual_gain", "total"}
+    for name in ("hybrid", "discrete_only"):
+        scores = metrics["shapes_eval"][name]
+        assert set(scores) == {"color", "shape", "count", "relation", "full"}
+        assert all(v is None or 0.0 <= v <= 1.0 for v in scores.values())
+        assert (tmp_path / "shapes_eval" / name / "shapes_eval.json").is_file()
     res = metrics["residual"]
     assert metrics["residual_gain_db"] == res["psnr_tokens_plus_sampled_residual"] - res["psnr_tokens"]
     assert abs(res["psnr_tokens"] - tok["psnr_discrete"]) < 3.0  # tokens alone == the discrete path (fewer images)
@@ -37,11 +43,12 @@ def test_quickstart_ci_runs_every_phase_and_resumes(tmp_path):
 
     # an interrupted run: the generator phase lost its final export and nothing after it ran
     state = json.loads((tmp_path / "state.json").read_text())
-    for phase in ("generator", "samples", "residual_gain"):
+    for phase in ("generator", "samples", "shapes_eval_hybrid", "shapes_eval_discrete_only", "residual_gain"):
         del state["wall_s"][phase]
     (tmp_path / "state.json").write_text(json.dumps(state))
     shutil.rmtree(tmp_path / "generator" / "final")
     shutil.rmtree(tmp_path / "generator" / "pipeline")
     again = Quickstart(cfg).run()
     assert again["residual"] == res  # resumed from the phase's checkpoint: identical weights, identical metrics
+    assert again["shapes_eval"] == metrics["shapes_eval"]
     assert again["wall_s"]["tokenizer_warmup"] == metrics["wall_s"]["tokenizer_warmup"]  # not re-run
