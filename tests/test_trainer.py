@@ -149,3 +149,31 @@ def test_sampler_resume_and_rank_sharding():
         assert sorted(flat[23 * e: 23 * (e + 1)]) == list(range(23))
     assert flat[:23] != list(range(23))
     assert ResumableBatchSampler(5, 2, shuffle=False).global_indices(0, 7) == [0, 1, 2, 3, 4, 0, 1]
+
+
+class LinearToy(ToyTrainer):
+    """No BatchNorm / dropout: the update depends only on the mean gradient over the global batch."""
+
+    def build_modules(self):
+        return {"model": nn.Sequential(nn.Linear(6, 16), nn.Tanh(), nn.Linear(16, 6))}
+
+
+def test_gradient_accumulation_equals_the_large_batch(tmp_path):
+    from accelerate import Accelerator
+
+    runs = {}
+    for name, bs, accum in (("big", 10, 1), ("accum", 5, 2)):
+        cfg = _cfg(tmp_path / name, steps=5, ckpt_every=5, batch_size=bs, grad_accum=accum, ema_decay=0.0)
+        trainer = LinearToy(cfg, accelerator=Accelerator(cpu=True), argv=["test"])
+        trainer.fit()
+        runs[name] = trainer
+    # the same samples per optimizer step: two micro-batches of 5 == one batch of 10
+    big = [sorted(b) for b in runs["big"].seen]
+    acc = [sorted(a + b) for a, b in zip(runs["accum"].seen[::2], runs["accum"].seen[1::2], strict=True)]
+    assert big == acc
+    a = _weights(tmp_path / "big" / "final" / "model.safetensors")
+    b = _weights(tmp_path / "accum" / "final" / "model.safetensors")
+    for k in a:
+        torch.testing.assert_close(a[k], b[k], rtol=1e-5, atol=1e-6)
+    meta = json.loads((tmp_path / "accum" / "checkpoints" / "step_00000005" / "meta.json").read_text())
+    assert meta["samples_seen"] == 50

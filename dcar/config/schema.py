@@ -31,7 +31,8 @@ class LoopConfig:
     """The step-based training loop shared by all trainers (keys under ``train.``)."""
 
     steps: int = 1000
-    batch_size: int = 16
+    batch_size: int = 16  # per process and micro-batch; global batch = batch_size x grad_accum x processes
+    grad_accum: int = 1  # micro-batches accumulated per optimizer step
     ckpt_every: int = 500
     keep_last: int = 3
     log_every: int = 10

@@ -14,6 +14,7 @@ A concrete trainer (tokenizer, generator) subclasses :class:`Trainer` and suppli
 
 from __future__ import annotations
 
+import contextlib
 import logging
 import random
 import time
@@ -101,6 +102,8 @@ class Trainer(ABC):
         self.consecutive_bad = 0
         self.data_skipped = 0  # unreadable samples dropped by the readers
         self._step_bad = False
+        self._bad_opts: set[str] = set()  # optimizers whose update this step is skipped
+        self._micro = 0  # micro-batch index within the step (gradient accumulation)
 
     # ----------------------------------------------------------------- subclass API
     @abstractmethod
@@ -146,15 +149,25 @@ class Trainer(ABC):
         return self.accelerator.device
 
     def optimize(self, name: str, loss: torch.Tensor) -> bool:
-        """Backward + clip + step for optimizer ``name``; skip the update (and return False) if anything is
-        non-finite on any rank."""
+        """Backward (``loss / grad_accum``) for optimizer ``name``; on the step's last micro-batch also clip and
+        step. A non-finite loss or gradient on any rank skips the whole update; returns whether it was (or, before
+        the last micro-batch, still is) going to be applied."""
         opt = self.optimizers[name]
-        if not self._all_finite(loss.detach()):
-            opt.zero_grad(set_to_none=True)
+        accum = self.cfg.train.grad_accum
+        last = self._micro == accum - 1
+        if name in self._bad_opts or not self._all_finite(loss.detach()):
+            if name not in self._bad_opts:
+                logger.warning("step %d: non-finite %s loss (%s); update skipped", self.step, name, loss.item())
+            self._bad_opts.add(name)
             self._step_bad = True
-            logger.warning("step %d: non-finite %s loss (%s); update skipped", self.step, name, loss.item())
+            if last:
+                opt.zero_grad(set_to_none=True)
             return False
-        self.accelerator.backward(loss)
+        sync = last or self.accelerator.num_processes == 1 or name not in self.modules
+        with contextlib.nullcontext() if sync else self.accelerator.no_sync(self.modules[name]):
+            self.accelerator.backward(loss / accum)
+        if not last:
+            return True
         params = [p for g in opt.param_groups for p in g["params"]]
         if self.cfg.train.grad_clip > 0:
             norm = self.accelerator.clip_grad_norm_(params, self.cfg.train.grad_clip)
@@ -271,7 +284,13 @@ class Trainer(ABC):
     # ----------------------------------------------------------------- data
     @property
     def global_batch(self) -> int:
-        return self.cfg.train.batch_size * self.accelerator.num_processes
+        """Samples per optimizer step over all processes."""
+        return self.cfg.train.batch_size * self.cfg.train.grad_accum * self.accelerator.num_processes
+
+    @property
+    def micro_step(self) -> int:
+        """The data position in micro-batches (what the samplers count)."""
+        return self.step * self.cfg.train.grad_accum
 
     def batches(self) -> Iterator[dict[str, Any]]:
         """Batches from the current data position onwards (this rank's share)."""
@@ -281,7 +300,7 @@ class Trainer(ABC):
             yield from self._iterable_batches(bs)
             return
         sampler = ResumableBatchSampler(len(self.dataset), bs, seed=self.cfg.data.seed, rank=acc.process_index,
-                                        world_size=acc.num_processes, start_step=self.step)
+                                        world_size=acc.num_processes, start_step=self.micro_step)
         loader = DataLoader(self.dataset, batch_sampler=sampler, collate_fn=collate,
                             num_workers=self.cfg.train.num_workers)
         yield from map(self._to_device, loader)
@@ -297,7 +316,7 @@ class Trainer(ABC):
         per_epoch = self.dataset.count_samples() // bs
         if per_epoch == 0:
             raise ValueError(f"the dataset has fewer samples per rank than train.batch_size={bs}")
-        epoch, offset = divmod(self.step, per_epoch)
+        epoch, offset = divmod(self.micro_step, per_epoch)
         while True:
             self.dataset.set_epoch(epoch, skip=offset * bs)
             loader = DataLoader(self.dataset, batch_size=bs, collate_fn=collate, drop_last=True,
@@ -318,11 +337,13 @@ class Trainer(ABC):
         data = self.batches()
         t_last, last_step = time.perf_counter(), self.step
         while self.step < cfg.train.steps:
-            batch = next(data)
-            self.data_skipped += int(batch.pop("num_skipped", 0))
-            seed_everything(step_seed(cfg.seed, acc.process_index, self.step))
-            self._step_bad = False
-            logs = self.train_step(batch, self.step)
+            self._step_bad, self._bad_opts = False, set()
+            for micro in range(cfg.train.grad_accum):
+                batch = next(data)
+                self.data_skipped += int(batch.pop("num_skipped", 0))
+                seed_everything(step_seed(cfg.seed, acc.process_index, self.step * cfg.train.grad_accum + micro))
+                self._micro = micro
+                logs = self.train_step(batch, self.step)
             if self._step_bad:
                 self.bad_steps += 1
                 self.consecutive_bad += 1
