@@ -116,13 +116,11 @@ class Quickstart:
         TokenizerTrainer(load_config(TokenizerTrainConfig, argv), argv=["dcar.quickstart", *argv]).fit()
 
     def eval_tokenizer(self) -> dict[str, Any]:
-        from dcar.data.shapes import ShapesDataset
         from dcar.eval.reconstruction import evaluate_reconstruction
         from dcar.models.tokenizer import DCHT
         from dcar.train.logging import save_image_grid
         tok = DCHT.from_pretrained(self.tokenizer_dir("alternate") / "final").eval()
-        data = ShapesDataset("heldout", self.resolution, size=32 if self.cfg.ci else self.cfg.eval_images,
-                             seed=self.cfg.seed)
+        data = self.heldout(32 if self.cfg.ci else self.cfg.eval_images)
         res = evaluate_reconstruction(tok, data, batch_size=32, return_images=8)
         grid = torch.cat([res["images"][k] for k in ("original", "continuous", "discrete")])
         save_image_grid(grid, self.out / "recon_grid.png", nrow=8)
@@ -134,10 +132,15 @@ class Quickstart:
         }}
 
     @property
-    def resolution(self) -> int:
+    def data_config(self) -> Any:
+        """The tokenizer config's ``data`` section: resolution and shapes layout shared by every phase."""
         from dcar.train.tokenizer import TokenizerTrainConfig
 
-        return load_config(TokenizerTrainConfig, [f"config={self.tokenizer_config}"]).data.resolution
+        return load_config(TokenizerTrainConfig, [f"config={self.tokenizer_config}"]).data
+
+    @property
+    def resolution(self) -> int:
+        return self.data_config.resolution
 
     def train_generator(self) -> None:
         from dcar.train.generator import GeneratorTrainConfig, GeneratorTrainer
@@ -148,7 +151,8 @@ class Quickstart:
                 f"tokenizer={self.tokenizer_dir('alternate') / 'final'}", f"run.dir={self.out / 'generator'}",
                 f"train.steps={steps}", f"train.ckpt_every={max(1, steps // 3)}", f"seed={cfg.seed}",
                 f"data.seed={cfg.seed}", f"data.resolution={res}", f"model.image_size={res}",
-                f"model.pos_base_size={res // 32}", f"log.progress={cfg.progress}"]
+                f"model.pos_base_size={res // 32}", f"data.shapes.grid={self.data_config.shapes.grid}",
+                f"log.progress={cfg.progress}"]
         if cfg.ci:
             argv += ["train.log_every=4", "num_preview=2"]
         GeneratorTrainer(load_config(GeneratorTrainConfig, argv), argv=["dcar.quickstart", *argv]).fit()
@@ -161,7 +165,8 @@ class Quickstart:
     def heldout(self, n: int):
         from dcar.data.shapes import ShapesDataset
 
-        return ShapesDataset("heldout", self.resolution, size=n, seed=self.cfg.seed)
+        return ShapesDataset("heldout", self.resolution, size=n, seed=self.cfg.seed,
+                             grid=self.data_config.shapes.grid)
 
     def sample_grid(self) -> None:
         from dcar.train.logging import save_image_grid

@@ -159,3 +159,21 @@ def test_restart_is_consistent_across_ranks(tmp_path) -> None:
     assert r0.item() > 0 and r0.item() == r1.item()
     assert torch.equal(w0, w1)
     assert torch.equal(p0, p1)  # statistics use the all-reduced counts
+
+
+def test_kmeans_recovers_clusters_and_is_deterministic():
+    from dcar.models.tokenizer.kmeans import kmeans
+
+    g = torch.Generator().manual_seed(0)
+    centres = torch.randn(8, 4, generator=g) * 10
+    x = (centres[torch.arange(800) % 8] + 0.05 * torch.randn(800, 4, generator=g))
+    found = kmeans(x, 8, iters=10, generator=torch.Generator().manual_seed(1))
+    dist = torch.cdist(centres, found)
+    assert dist.min(1).values.max() < 0.1  # every true centre has a centroid next to it
+    assert dist.min(0).values.max() < 0.1  # and no centroid is stranded
+    again = kmeans(x, 8, iters=10, generator=torch.Generator().manual_seed(1))
+    assert torch.equal(found, again)
+    few = kmeans(x[:3], 5, iters=3, generator=torch.Generator().manual_seed(0))  # fewer points than codes
+    assert few.shape == (5, 4) and torch.cdist(few, x[:3]).min(1).values.max() < 1e-5
+    with pytest.raises(ValueError, match="non-empty"):
+        kmeans(torch.empty(0, 4), 2)

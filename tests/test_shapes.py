@@ -33,9 +33,9 @@ from dcar.data.shapes import (
 )
 
 
-def _scenes(resolution: int, n: int, seed: int = 0) -> list[Scene]:
+def _scenes(resolution: int, n: int, seed: int = 0, grid: int = 0) -> list[Scene]:
     rng = np.random.default_rng(seed)
-    return [sample_scene(rng, resolution) for _ in range(n)]
+    return [sample_scene(rng, resolution, grid=grid) for _ in range(n)]
 
 
 def test_vocabulary() -> None:
@@ -158,14 +158,17 @@ def test_caption_coverage() -> None:
     assert {ShapesDataset(max_objects=1).scene(i).kind for i in range(50)} == {"single"}
 
 
-@pytest.mark.parametrize("resolution", [64, 128, 256, 512])
-def test_layout_constraints_and_relations(resolution: int) -> None:
+@pytest.mark.parametrize(("resolution", "grid"), [(64, 0), (128, 0), (256, 0), (512, 0), (64, 16), (128, 16), (256, 32)])
+def test_layout_constraints_and_relations(resolution: int, grid: int) -> None:
     margin, gap = layout_params(resolution)
     n = 1500 if resolution == 64 else 300
-    for s in _scenes(resolution, n, seed=resolution):
+    for s in _scenes(resolution, n, seed=resolution, grid=grid):
         boxes = [o.box for o in s.objects]
         for x0, y0, x1, y1 in boxes:
-            assert x1 - x0 == y1 - y0 and (x1 - x0) % 2 == 1 and x1 - x0 >= 0.17 * resolution
+            assert x1 - x0 == y1 - y0 and (x1 - x0) % 2 == 1 and x1 - x0 >= (0.15 if grid else 0.17) * resolution
+            if grid:  # snapped: starts on a cell boundary, side = whole cells (minus 1 px when even)
+                cell = resolution // grid
+                assert x0 % cell == 0 and y0 % cell == 0 and (x1 - x0 + 1) // cell * cell in (x1 - x0, x1 - x0 + 1)
             assert x0 >= margin and y0 >= margin and x1 <= resolution - margin and y1 <= resolution - margin
         for a, b in itertools.combinations(boxes, 2):  # separated by >= gap along some axis
             assert max(b[0] - a[2], a[0] - b[2], b[1] - a[3], a[1] - b[3]) >= gap
@@ -206,6 +209,16 @@ def test_ground_truth_matches_pixels(resolution: int, n: int) -> None:
                 assert edge.any()  # the box is tight
             outside[y0:y1, x0:x1] = False
         assert (img[outside] == bg).all()
+
+
+def test_grid_layout_dataset() -> None:
+    free, snapped = ShapesDataset(size=64, resolution=128), ShapesDataset(size=64, resolution=128, grid=16)
+    assert [free[i]["caption"] for i in range(64)] == [snapped[i]["caption"] for i in range(64)]  # same specs
+    assert all(o.box[0] % 8 == 0 and o.box[1] % 8 == 0 for i in range(64) for o in snapped.scene(i).objects)
+    assert any(o.box[0] % 8 for i in range(64) for o in free.scene(i).objects)
+    for bad in (12, 24, 48):
+        with pytest.raises(ValueError, match="grid must be"):
+            ShapesDataset(resolution=128, grid=bad)
 
 
 def test_other_backgrounds() -> None:

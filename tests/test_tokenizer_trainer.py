@@ -87,6 +87,28 @@ def test_three_stages_semantics_and_learning(tmp_path):
     assert (tmp_path / "alternate" / "images" / "recon_00000020.png").is_file()
 
 
+def test_kmeans_codebook_init_on_init_from(tmp_path):
+    _train(_cfg(tmp_path, "warmup", "stage=warmup", "train.steps=4", "train.ckpt_every=4"))
+    init = [f"init_from={tmp_path / 'warmup' / 'final'}", "stage=discrete", "train.steps=1"]
+    keep = _trainer(_cfg(tmp_path, "keep", *init))
+    keep.setup()
+    km = _trainer(_cfg(tmp_path, "km", *init, "codebook_init=kmeans", "codebook_init_images=64"))
+    km.setup()
+    tok_keep, tok_km = keep.unwrap("model").tokenizer, km.unwrap("model").tokenizer
+    images = torch.stack([km.dataset[i]["image"] for i in range(64)])  # the images k-means saw
+    with torch.no_grad():
+        z = tok_km.encoder(images).permute(0, 2, 3, 1).reshape(-1, 32)
+        err = {name: (t.quantizer.embedding.weight[t.quantizer.nearest_indices(z)] - z).pow(2).mean().item()
+               for name, t in (("keep", tok_keep), ("km", tok_km))}
+    assert err["km"] < 0.2 * err["keep"]  # centroids of the latents quantise them far better than N(0, 1) codes
+    # resuming never re-runs the init: the resumed codebook is the checkpoint's
+    km.fit()
+    again = _trainer(_cfg(tmp_path, "km", *init, "codebook_init=kmeans", "codebook_init_images=64", "train.steps=2"))
+    again.setup()
+    assert torch.equal(again.unwrap("model").tokenizer.quantizer.embedding.weight,
+                       load_file(str(tmp_path / "km" / "final" / "model.safetensors"))["quantizer.embedding.weight"])
+
+
 def test_exact_resume_with_gan(tmp_path):
     # constant LR: the LR schedule depends on train.steps, which the interrupted first leg shortens
     gan = ["stage=discrete", "loss.gan_weight=0.5", "loss.disc_start=2", "train.ckpt_every=3", "train.ema_decay=0.9",

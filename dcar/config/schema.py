@@ -40,6 +40,9 @@ class LoopConfig:
     grad_clip: float = 1.0  # 0 disables clipping
     ema_decay: float = 0.0  # 0 disables EMA
     max_bad_steps: int = 20  # consecutive non-finite losses before the run aborts
+    # seconds a collective (gradient all-reduce, barrier) may wait for the other processes before this process
+    # stops with an error: a dead or stalled rank (e.g. on another node) ends the job instead of hanging it
+    dist_timeout_s: float = 1800.0
     num_workers: int = 0
 
 
@@ -64,6 +67,7 @@ class ShapesConfig:
     size: int = 50_000  # samples per epoch of the train split (samples are generated, not stored)
     heldout_size: int = 512
     background: str = "white"
+    grid: int = 0  # 0: objects at any pixel; G >= 16: boxes snapped to a G x G grid of cells (see layout_spec)
 
 
 @dataclass
@@ -98,6 +102,8 @@ class TrainConfig:
 
     ``config`` is the base YAML (default: the paper's setting), ``resume`` is ``auto`` (newest complete checkpoint
     in ``run.dir``), ``never``, or a checkpoint directory. ``init_from`` loads weights only (stage chaining).
+    ``train.dist_timeout_s`` bounds every wait on other processes: when a rank dies or stalls, the others stop
+    with an error after that many seconds instead of hanging.
     """
 
     config: str = ""

@@ -142,6 +142,7 @@ class ShapesDataset(Dataset):
         seed: int = 0,
         max_objects: int = 4,
         background: str | tuple[int, int, int] = "white",
+        grid: int = 0,
     ) -> None:
         if split not in SPLITS:
             raise ValueError(f"split must be one of {SPLITS}, got {split!r}")
@@ -156,6 +157,9 @@ class ShapesDataset(Dataset):
         self.size = int(size)
         self.seed = int(seed)
         self.max_objects = int(max_objects)
+        self.grid = int(grid)
+        if self.grid and (self.grid < 16 or self.resolution % self.grid):
+            raise ValueError(f"grid must be 0 or >= 16 and divide the resolution {self.resolution}; got {grid}")
         self.background = resolve_background(background)
         if min(np.linalg.norm(np.subtract(c, self.background)) for c in COLORS.values()) < 100:
             raise ValueError(f"background {self.background} is too close to a palette colour")
@@ -179,7 +183,7 @@ class ShapesDataset(Dataset):
         for _ in range(_MAX_SPLIT_TRIES):
             spec = sample_spec(rng, self.max_objects, composable_only=composable)
             if caption_split(spec, self.seed) == self.split:
-                return layout_spec(rng, spec, self.resolution)
+                return layout_spec(rng, spec, self.resolution, self.grid)
         raise RuntimeError(f"no {self.split} scene found for seed {self.seed}")
 
     def __getitem__(self, i: int) -> dict[str, Any]:

@@ -301,11 +301,23 @@ def _layout_count(rng: np.random.Generator, n: int, r: int) -> list[tuple[int, i
         s = max(s_min, 2 * int(s * 0.9 / 2) + 1)  # at s_min, n <= 4 boxes cover < 15% of the canvas
 
 
-def layout_spec(rng: np.random.Generator, spec: SceneSpec, resolution: int) -> Scene:
-    """Place the objects of ``spec`` on a ``resolution`` canvas and return the full :class:`Scene`."""
+def layout_spec(rng: np.random.Generator, spec: SceneSpec, resolution: int, grid: int = 0) -> Scene:
+    """Place the objects of ``spec`` on a ``resolution`` canvas and return the full :class:`Scene`.
+
+    ``grid=0`` places boxes at any pixel. ``grid=G`` lays the scene out on a ``G x G`` canvas of cells (same rules,
+    cell units) and scales it: a box of ``k`` cells starts on a cell boundary and has side ``k * cell`` (minus one
+    pixel when that is even, so every shape keeps a centre pixel), ``cell = resolution / G``. Snapped layouts have
+    far fewer distinct token patches, which is what lets a 32x-compressed discrete tokenizer represent them."""
     r = int(resolution)
     if not 16 <= r <= 4096:  # designed and tested for 64..512
         raise ValueError(f"resolution {resolution} out of range")
+    if grid:
+        if grid < 16 or r % grid:
+            raise ValueError(f"grid must be >= 16 and divide the resolution; got grid={grid}, resolution={r}")
+        coarse = layout_spec(rng, spec, grid)
+        cell = r // grid
+        objects = tuple(ShapeObject(o.color, o.shape, _scale_box(o.box, cell)) for o in coarse.objects)
+        return Scene(objects=objects, caption=spec.caption, kind=spec.kind, relation=spec.relation, resolution=r)
     if spec.kind == "single":
         margin, _ = layout_params(r)
         s = _odd_size(rng, "single", r)
@@ -322,9 +334,15 @@ def layout_spec(rng: np.random.Generator, spec: SceneSpec, resolution: int) -> S
     return Scene(objects=objects, caption=spec.caption, kind=spec.kind, relation=spec.relation, resolution=r)
 
 
-def sample_scene(rng: np.random.Generator, resolution: int, max_objects: int = 4) -> Scene:
-    """Draw a random scene (spec then layout) for a ``resolution`` x ``resolution`` canvas."""
-    return layout_spec(rng, sample_spec(rng, max_objects), resolution)
+def _scale_box(box: tuple[int, int, int, int], cell: int) -> tuple[int, int, int, int]:
+    x0, y0, x1, y1 = (v * cell for v in box)
+    side = x1 - x0 - (1 - (x1 - x0) % 2)  # odd side: drop one pixel when k * cell is even
+    return x0, y0, x0 + side, y0 + side
+
+
+def sample_scene(rng: np.random.Generator, resolution: int, max_objects: int = 4, grid: int = 0) -> Scene:
+    """Draw a random scene (spec then layout, see :func:`layout_spec` for ``grid``) for a square canvas."""
+    return layout_spec(rng, sample_spec(rng, max_objects), resolution, grid)
 
 
 def relation_holds(a: tuple[float, float], b: tuple[float, float], relation: str) -> bool:

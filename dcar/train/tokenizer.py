@@ -27,6 +27,7 @@ from torch import nn
 
 from dcar.config.schema import TrainConfig, choice
 from dcar.data.build import build_dataset
+from dcar.data.collate import collate
 from dcar.losses.tokenizer_loss import TokenizerLoss, TokenizerLossConfig, check_loss_assets
 from dcar.models.tokenizer import DCHT, DCHTConfig
 from dcar.train.logging import save_image_grid
@@ -59,6 +60,12 @@ class TokenizerTrainConfig(TrainConfig):
     model: DCHTConfig = field(default_factory=DCHTConfig)
     loss: TokenizerLossConfig = field(default_factory=TokenizerLossConfig)
     num_preview: int = 8  # images in the reconstruction grids written at each checkpoint
+    # Codebook initialisation when a stage that trains the quantiser starts from ``init_from`` (not on resume):
+    # "keep" the loaded codebook, or "kmeans": k-means++ / Lloyd centroids of the loaded encoder's latents on the
+    # first ``codebook_init_images`` training images (dcar.models.tokenizer.kmeans; SoundStream / EnCodec practice).
+    codebook_init: str = choice("keep", "keep", "kmeans")
+    codebook_init_images: int = 1024
+    codebook_init_iters: int = 20
 
 
 def mix_latents(z: torch.Tensor, zq: torch.Tensor, p_continuous: float) -> tuple[torch.Tensor, torch.Tensor]:
@@ -122,6 +129,42 @@ class TokenizerTrainer(Trainer):
             tokenizer.load_state_dict(DCHT.from_pretrained(path_).state_dict())
         else:
             super().load_init(path)
+        if self.cfg.codebook_init == "kmeans" and self.spec.train_quantizer:
+            self.init_codebook_kmeans()
+
+    @torch.no_grad()
+    def init_codebook_kmeans(self) -> None:
+        """Set the codebook to k-means centroids of encoder latents (see ``codebook_init``); identical on all ranks
+        (computed from the same images on every rank, then broadcast from rank 0 for bit-equality on GPUs)."""
+        from torch.utils.data import DataLoader
+
+        from dcar.models.tokenizer.kmeans import kmeans
+
+        cfg, tokenizer = self.cfg, self.unwrap("model").tokenizer
+        was_training = tokenizer.training
+        tokenizer.eval()
+        dataset = build_dataset(cfg.data, "train")
+        loader = DataLoader(dataset, batch_size=cfg.train.batch_size, collate_fn=collate, shuffle=False)
+        latents, seen = [], 0
+        for batch in loader:
+            if "image" not in batch:
+                continue
+            z = tokenizer.encoder(batch["image"].to(self.device))
+            latents.append(z.permute(0, 2, 3, 1).reshape(-1, z.shape[1]).float())
+            seen += z.shape[0]
+            if seen >= cfg.codebook_init_images:
+                break
+        gen = torch.Generator(device="cpu").manual_seed(cfg.seed)
+        centres = kmeans(torch.cat(latents).cpu(), tokenizer.quantizer.codebook_size, cfg.codebook_init_iters, gen)
+        weight = tokenizer.quantizer.embedding.weight
+        centres = centres.to(weight.device, weight.dtype)
+        if self.accelerator.num_processes > 1:
+            torch.distributed.broadcast(centres, src=0)
+        weight.data.copy_(centres)
+        tokenizer.quantizer.steps_since_used.zero_()
+        tokenizer.train(was_training)
+        if self.accelerator.is_main_process:
+            print(f"[dcar] codebook initialised by k-means on {seen} images ({centres.shape[0]} codes)")
 
     def export_model(self) -> nn.Module:
         model = self.ema.shadow if self.ema is not None else self.unwrap("model")
