@@ -74,9 +74,9 @@ class ShapesConfig:
 class DataConfig:
     """Which dataset to read (keys under ``data.``). ``kind`` picks the reader; presets live in ``configs/data/``."""
 
-    kind: str = choice("shapes", "shapes", "imagefolder", "jsonl", "webdataset")
+    kind: str = choice("shapes", "shapes", "imagefolder", "jsonl", "webdataset", "tokens")  # tokens: pretokenize.py
     name: str = ""  # the preset that was selected (``data=<name>``), recorded for the run directory
-    path: str = ""  # dataset root / JSONL file / shard pattern or folder; unused for shapes
+    path: str = ""  # dataset root / JSONL file / shard pattern or folder / token cache; unused for shapes
     heldout_path: str = ""  # same format as ``path``: previews and evaluation (shapes has its own held-out split)
     image_root: str = ""  # JSONL only: root of relative image paths (default: the JSONL's folder)
     resolution: int = 256

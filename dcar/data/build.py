@@ -47,11 +47,18 @@ def _webdataset(cfg: DataConfig, split: str, rank: int, world_size: int) -> Data
                               shuffle_buffer=cfg.shuffle_buffer, seed=cfg.seed, rank=rank, world_size=world_size)
 
 
+def _tokens(cfg: DataConfig, split: str, rank: int, world_size: int) -> Dataset:
+    from dcar.data.token_cache import TokenCacheDataset
+
+    return TokenCacheDataset(_path(cfg, split))
+
+
 DATASETS: dict[str, Callable[[DataConfig, str, int, int], Dataset]] = {
     "shapes": _shapes,
     "imagefolder": _imagefolder,
     "jsonl": _jsonl,
     "webdataset": _webdataset,
+    "tokens": _tokens,
 }
 
 

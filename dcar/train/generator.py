@@ -85,12 +85,20 @@ def word_vocabulary_captions(cfg: GeneratorTrainConfig) -> list[str]:
                   split_captions("heldout", cfg.data.seed, s.max_objects))
 
 
+def _is_shapes_data(cfg: GeneratorTrainConfig) -> bool:
+    """Shapes data, read directly or through a token cache made from it (``cache.json``'s ``source.data``)."""
+    if cfg.data.kind == "tokens" and cfg.data.path:
+        meta = Path(cfg.data.path) / "cache.json"
+        return meta.is_file() and json.loads(meta.read_text()).get("source", {}).get("data") == "shapes"
+    return cfg.data.kind == "shapes"
+
+
 def build_frozen_text_encoder(cfg: GeneratorTrainConfig, run_dir: Path) -> TextEncoder:
     """The configured encoder; a ``t5-random`` encoder without a tokenizer gets a word-level one built from the
-    shapes vocabulary (``<run.dir>/text_tokenizer``)."""
+    shapes vocabulary (``<run.dir>/text_tokenizer``), also for a token cache of shapes images."""
     te = cfg.text_encoder
     if te.kind == "t5-random" and not te.tokenizer_path:
-        if cfg.data.kind != "shapes":
+        if not _is_shapes_data(cfg):
             raise ValueError("text_encoder.kind=t5-random needs text_encoder.tokenizer_path for non-shapes data")
         from dcar.models.generator import build_word_tokenizer
 
@@ -104,8 +112,12 @@ def build_frozen_text_encoder(cfg: GeneratorTrainConfig, run_dir: Path) -> TextE
 @torch.no_grad()
 def estimate_residual_scale(tokenizer: DCHT, images: torch.Tensor, quantile: float) -> float:
     """A high quantile of |residual| over ``images`` (3 significant digits): the head's target normaliser."""
-    res = tokenizer.encode(images).residual.abs().flatten().float()
-    value = float(torch.quantile(res[: 2**24], quantile))
+    return residual_quantile(tokenizer.encode(images).residual, quantile)
+
+
+def residual_quantile(residual: torch.Tensor, quantile: float) -> float:
+    """The ``quantile`` of ``|residual|`` rounded to 3 significant digits (at least 1e-3)."""
+    value = float(torch.quantile(residual.abs().flatten().float()[: 2**24], quantile))
     return float(f"{max(value, 1e-3):.3g}")
 
 
@@ -128,15 +140,20 @@ class GeneratorTrainer(Trainer):
     def build_modules(self) -> dict[str, nn.Module]:
         cfg = self.cfg
         self.tokenizer = DCHT.from_pretrained(cfg.tokenizer).to(self.device).eval().requires_grad_(False)
-        self.text_encoder = build_frozen_text_encoder(cfg, self.run_dir).to(self.device)
+        with self.accelerator.main_process_first():  # the main process writes <run.dir>/text_tokenizer, once
+            self.text_encoder = build_frozen_text_encoder(cfg, self.run_dir).to(self.device)
         model_cfg = cfg.model
         if model_cfg.use_head and cfg.init_from:  # keep the scale the initial head was trained with
             scale = json.loads((Path(cfg.init_from) / "config.json").read_text())["head"]["residual_scale"]
             model_cfg = dataclasses.replace(model_cfg, head=dataclasses.replace(model_cfg.head, residual_scale=scale))
         elif model_cfg.use_head and cfg.residual_scale_quantile > 0:
             n = min(len(self.dataset), 256)
-            images = torch.stack([self.dataset[i]["image"] for i in range(n)]).to(self.device)
-            scale = estimate_residual_scale(self.tokenizer, images, cfg.residual_scale_quantile)
+            items = [self.dataset[i] for i in range(n)]
+            if "residual" in items[0]:  # a token cache (data.kind=tokens)
+                scale = residual_quantile(torch.stack([it["residual"] for it in items]), cfg.residual_scale_quantile)
+            else:
+                images = torch.stack([it["image"] for it in items]).to(self.device)
+                scale = estimate_residual_scale(self.tokenizer, images, cfg.residual_scale_quantile)
             model_cfg = dataclasses.replace(model_cfg, head=dataclasses.replace(model_cfg.head, residual_scale=scale))
         if model_cfg.caption_dim != self.text_encoder.hidden_size:
             raise ValueError(f"model.caption_dim={model_cfg.caption_dim} but the text encoder gives "
@@ -165,16 +182,26 @@ class GeneratorTrainer(Trainer):
         return final
 
     def train_step(self, batch: dict[str, Any], step: int) -> dict[str, float]:
-        images, captions = batch["image"], batch["caption"]
-        with torch.no_grad():
-            enc = self.tokenizer.encode(images)
-            states, text_mask = self.text_encoder.encode(captions)
-        drop = torch.rand(images.shape[0], device=self.device) < self.cfg.caption_dropout
-        residual = enc.residual if self.model_config.use_head else None
-        out = self.modules["model"](enc.indices, residual, states.float(), text_mask, drop)
+        indices, residual = self.tokens_of(batch)
+        if "text_states" in batch:  # a token cache with text features
+            states, text_mask = batch["text_states"], batch["text_mask"]
+        else:
+            with torch.no_grad():
+                states, text_mask = self.text_encoder.encode(batch["caption"])
+        drop = torch.rand(indices.shape[0], device=self.device) < self.cfg.caption_dropout
+        residual = residual if self.model_config.use_head else None
+        out = self.modules["model"](indices, residual, states.float(), text_mask, drop)
         self.optimize("model", out["loss"])
         return {("loss" if k == "loss" else f"loss/{k}" if k != "token_acc" else k): float(v.detach())
                 for k, v in out.items()}
+
+    @torch.no_grad()
+    def tokens_of(self, batch: dict[str, Any]) -> tuple[torch.Tensor, torch.Tensor]:
+        """``(indices, residual)`` of a batch: read from a token cache, or encoded by the frozen tokenizer."""
+        if "indices" in batch:
+            return batch["indices"], batch["residual"]
+        enc = self.tokenizer.encode(batch["image"])
+        return enc.indices, enc.residual
 
     @torch.no_grad()
     def on_checkpoint(self, step: int) -> None:
