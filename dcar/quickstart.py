@@ -7,7 +7,7 @@ newest checkpoint through ``resume=auto``):
    (``configs/tokenizer/shapes.yaml``), each initialised from the previous stage's ``final/``;
 2. ``eval_tokenizer``: PSNR / SSIM of both decoding paths on held-out shapes images, codebook usage, and a
    reconstruction grid;
-3. ``generator``: DC-AR (hybrid: discrete tokens + diffusion head) on shapes captions
+3. ``pretokenize``: train images encoded once by the final tokenizer (``dcar.data.token_cache``); ``generator``: DC-AR (hybrid: discrete tokens + diffusion head) on shapes captions
    (``configs/generator/shapes.yaml``) on top of the frozen tokenizer; writes ``generator/pipeline``;
 4. ``samples``: held-out captions (never seen in training) sampled with 12 MaskGIT steps and CFG: a captioned grid;
 5. ``shapes_eval_hybrid`` / ``shapes_eval_discrete_only``: ShapesEval on held-out captions with the diffusion head
@@ -50,6 +50,7 @@ class QuickstartConfig:
     alternate_steps: int = 0
     generator_config: str = ""  # default: configs/generator/shapes.yaml
     generator_steps: int = 0  # 0: GENERATOR_STEPS
+    cache_images: int = 0  # train images pre-tokenised for the generator; 0: CACHE_IMAGES
     eval_images: int = 256
     num_captions: int = 64  # held-out captions sampled for the grid and ShapesEval
     guidance_scale: float = 4.5
@@ -60,6 +61,7 @@ class QuickstartConfig:
 STAGE_STEPS: dict[str, tuple[int, int]] = {"warmup": (600, 12), "discrete": (1200, 12), "alternate": (600, 12)}
 STAGES = ("warmup", "discrete", "alternate")
 GENERATOR_STEPS = (1500, 12)
+CACHE_IMAGES = (12288, 64)  # full run, CI variant
 
 
 class Quickstart:
@@ -112,7 +114,7 @@ class Quickstart:
         if stage != STAGES[0]:
             argv.append(f"init_from={self.tokenizer_dir(STAGES[STAGES.index(stage) - 1]) / 'final'}")
         if cfg.ci:
-            argv += ["train.log_every=4"]
+            argv += ["train.log_every=4", "codebook_init_images=64"]
         TokenizerTrainer(load_config(TokenizerTrainConfig, argv), argv=["dcar.quickstart", *argv]).fit()
 
     def eval_tokenizer(self) -> dict[str, Any]:
@@ -142,6 +144,21 @@ class Quickstart:
     def resolution(self) -> int:
         return self.data_config.resolution
 
+    def pretokenize(self) -> dict[str, Any]:
+        """Encode train images (and a few held-out ones, for the preview grids) once with the final tokenizer."""
+        from dcar.data.token_cache import write_token_cache
+        from dcar.models.tokenizer import DCHT
+
+        tok = DCHT.from_pretrained(self.tokenizer_dir("alternate") / "final").eval()
+        n = self.cfg.cache_images or CACHE_IMAGES[1 if self.cfg.ci else 0]
+        data = self.shapes("train", n)
+        source = {"data": "shapes", "tokenizer": str(self.tokenizer_dir("alternate") / "final")}
+        write_token_cache(tok, data, self.out / "tokens" / "train", shard_size=4096 if n >= 4096 else 64,
+                          batch_size=64, source=source, progress=self.cfg.progress)
+        write_token_cache(tok, self.heldout(64), self.out / "tokens" / "heldout", shard_size=64, batch_size=64,
+                          source=source, progress=False)
+        return {"generator": {"cache_images": n}}
+
     def train_generator(self) -> None:
         from dcar.train.generator import GeneratorTrainConfig, GeneratorTrainer
 
@@ -151,7 +168,8 @@ class Quickstart:
                 f"tokenizer={self.tokenizer_dir('alternate') / 'final'}", f"run.dir={self.out / 'generator'}",
                 f"train.steps={steps}", f"train.ckpt_every={max(1, steps // 3)}", f"seed={cfg.seed}",
                 f"data.seed={cfg.seed}", f"data.resolution={res}", f"model.image_size={res}",
-                f"model.pos_base_size={res // 32}", f"data.shapes.grid={self.data_config.shapes.grid}",
+                f"model.pos_base_size={res // 32}", "data.kind=tokens",
+                f"data.path={self.out / 'tokens' / 'train'}", f"data.heldout_path={self.out / 'tokens' / 'heldout'}",
                 f"log.progress={cfg.progress}"]
         if cfg.ci:
             argv += ["train.log_every=4", "num_preview=2"]
@@ -162,11 +180,15 @@ class Quickstart:
 
         return DCARPipeline.from_pretrained(self.out / "generator" / "pipeline")
 
-    def heldout(self, n: int):
+    def shapes(self, split: str, n: int):
+        """``n`` shapes images of ``split`` at the tokenizer's resolution and layout, for the quickstart's seed."""
         from dcar.data.shapes import ShapesDataset
 
-        return ShapesDataset("heldout", self.resolution, size=n, seed=self.cfg.seed,
-                             grid=self.data_config.shapes.grid)
+        return ShapesDataset(split, self.resolution, size=n, seed=self.cfg.seed,
+                             max_objects=self.data_config.shapes.max_objects, grid=self.data_config.shapes.grid)
+
+    def heldout(self, n: int):
+        return self.shapes("heldout", n)
 
     def sample_grid(self) -> None:
         from dcar.train.logging import save_image_grid
@@ -216,6 +238,7 @@ class Quickstart:
         for stage in STAGES:
             self.phase(f"tokenizer_{stage}", lambda stage=stage: self.train_tokenizer(stage))
         self.phase("eval_tokenizer", self.eval_tokenizer)
+        self.phase("pretokenize", self.pretokenize)
         self.phase("generator", self.train_generator)
         self.phase("samples", self.sample_grid)
         self.phase("shapes_eval_hybrid", lambda: self.shapes_eval(use_head=True))

@@ -19,7 +19,7 @@ def test_quickstart_ci_runs_every_phase_and_resumes(tmp_path):
     assert set(tok) >= {"psnr_continuous", "psnr_discrete", "ssim_continuous", "codebook_usage"}
     assert 5.0 < tok["psnr_discrete"] < 60.0 and 0.0 < tok["codebook_usage"] <= 1.0
     assert set(metrics["wall_s"]) == {"tokenizer_warmup", "tokenizer_discrete", "tokenizer_alternate",
-                                      "eval_tokenizer", "generator", "samples", "shapes_eval_hybrid",
+                                      "eval_tokenizer", "pretokenize", "generator", "samples", "shapes_eval_hybrid",
                                       "shapes_eval_discrete_only", "residual_gain", "total"}
     for name in ("hybrid", "discrete_only"):
         scores = metrics["shapes_eval"][name]
@@ -33,9 +33,11 @@ def test_quickstart_ci_runs_every_phase_and_resumes(tmp_path):
     report = (tmp_path / "report.md").read_text()
     assert f"| tokenizer.psnr_continuous | {tok['psnr_continuous']:.4g} |" in report and "seed: 3" in report
     grid = np.asarray(Image.open(tmp_path / "recon_grid.png"))
-    assert grid.shape[0] > 3 * 64 and grid.shape[1] > 8 * 64  # 3 rows x 8 held-out images at 64 px
+    assert grid.shape[0] > 3 * 128 and grid.shape[1] > 8 * 128  # 3 rows x 8 held-out images at 128 px
     samples = np.asarray(Image.open(tmp_path / "samples_grid.png"))
-    assert samples.shape[0] > 2 * 64 and samples.shape[1] > 8 * 64  # 16 captioned samples, 8 per row
+    assert samples.shape[0] > 2 * 128 and samples.shape[1] > 8 * 128  # 16 captioned samples, 8 per row
+    cache = json.loads((tmp_path / "tokens" / "train" / "cache.json").read_text())
+    assert cache["num_samples"] == 64 and cache["grid"] == [4, 4] and cache["source"]["data"] == "shapes"
     assert (tmp_path / "generator" / "pipeline" / "generator" / "model.safetensors").is_file()
     for stage in ("warmup", "discrete", "alternate"):
         assert (tmp_path / "tokenizer" / stage / "final" / "model.safetensors").is_file()
