@@ -7,7 +7,8 @@ sub-slice of ``batch_size``. Hence:
 
 * a run resumed at step ``s`` (``start_step=s``) sees exactly the batches an uninterrupted run would have seen;
 * ``world_size`` processes with batch ``b`` see the same global batches as one process with batch ``world * b``;
-* ranks never duplicate or miss a sample within a global batch (cf. VAR's ``DistInfiniteBatchSampler``).
+* ranks never duplicate or miss a sample: each epoch of the global stream is one permutation, split over the ranks
+  (cf. VAR's ``DistInfiniteBatchSampler``); a global batch that straddles two epochs may hold a sample of each.
 """
 
 from __future__ import annotations

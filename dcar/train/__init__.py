@@ -4,9 +4,9 @@ from dcar.train.checkpoint import CheckpointError, latest_checkpoint, load_check
 from dcar.train.ema import EMA
 from dcar.train.logging import MetricsLogger, read_metrics, save_image_grid
 from dcar.train.run_dir import prepare_run_dir
-from dcar.train.trainer import Trainer, TrainingAborted
+from dcar.train.trainer import LostProcesses, Trainer, TrainingAborted
 
 __all__ = [
-    "EMA", "CheckpointError", "MetricsLogger", "Trainer", "TrainingAborted", "latest_checkpoint", "load_checkpoint",
+    "EMA", "CheckpointError", "LostProcesses", "MetricsLogger", "Trainer", "TrainingAborted", "latest_checkpoint", "load_checkpoint",
     "prepare_run_dir", "read_metrics", "save_checkpoint", "save_image_grid",
 ]

@@ -9,7 +9,8 @@ Layout of one checkpoint (``<run.dir>/checkpoints/step_00001000/``)::
 
 A checkpoint is first written into a hidden ``.tmp-*`` sibling, every file is fsynced, and the folder is then
 renamed into place (``os.replace`` is atomic on POSIX). A crash mid-save therefore leaves either the previous
-checkpoint set or a ``.tmp-*`` folder that :func:`latest_checkpoint` never picks (and the next save removes).
+checkpoint set or a ``.tmp-*`` folder that :func:`latest_checkpoint` never picks (and the next save removes once
+the process that wrote it is gone).
 """
 
 from __future__ import annotations
@@ -132,15 +133,30 @@ def latest_checkpoint(root: str | Path) -> Path | None:
     return found[-1] if found else None
 
 
+def _writer_is_gone(tmp: Path) -> bool:
+    """True when the process named in ``.tmp-step_X-<pid>`` no longer runs (e.g. a save cut short by ``kill -9``)."""
+    pid = tmp.name.rsplit("-", 1)[-1]
+    if not pid.isdigit():
+        return False
+    try:
+        os.kill(int(pid), 0)
+    except ProcessLookupError:
+        return True
+    except OSError:  # exists but belongs to someone else
+        return False
+    return False
+
+
 def prune_checkpoints(root: str | Path, keep_last: int) -> None:
-    """Delete all but the ``keep_last`` newest complete checkpoints, and stale ``.tmp-*`` folders of this process."""
+    """Delete all but the ``keep_last`` newest complete checkpoints, and ``.tmp-*`` folders left by this process or
+    by one that no longer runs (a save interrupted by a crash)."""
     root = Path(root)
     complete = list_checkpoints(root)
     if keep_last > 0:
         for path in complete[:-keep_last]:
             shutil.rmtree(path, ignore_errors=True)
     for tmp in root.glob(".tmp-step_*"):
-        if tmp.name.endswith(f"-{os.getpid()}"):
+        if tmp.name.endswith(f"-{os.getpid()}") or _writer_is_gone(tmp):
             shutil.rmtree(tmp, ignore_errors=True)
 
 

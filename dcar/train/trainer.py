@@ -16,10 +16,13 @@ from __future__ import annotations
 
 import contextlib
 import logging
+import os
 import random
+import re
 import time
 from abc import ABC, abstractmethod
 from collections.abc import Iterator, Mapping
+from datetime import timedelta
 from pathlib import Path
 from typing import Any
 
@@ -43,6 +46,15 @@ logger = logging.getLogger(__name__)
 
 class TrainingAborted(RuntimeError):
     """Raised when too many consecutive steps had a non-finite loss or gradient."""
+
+
+class LostProcesses(RuntimeError):
+    """Raised when a collective with the other processes failed or timed out (a rank died or stalled)."""
+
+
+# what gloo / NCCL / c10d errors say when a peer is gone or a collective timed out
+_PEER_FAILURE = re.compile(r"timed out|timeout|connection (reset|closed|refused)|broken pipe|peer|socket|"
+                           r"gloo|nccl|process group", re.IGNORECASE)
 
 
 def step_seed(seed: int, rank: int, step: int) -> int:
@@ -80,6 +92,35 @@ def set_rng_state(state: Mapping[str, Any]) -> None:
         torch.cuda.set_rng_state_all(state["cuda"])
 
 
+def launched_world_size() -> int:
+    """Processes the launcher started (``WORLD_SIZE`` from torchrun / accelerate launch / SLURM + torchrun)."""
+    return int(os.environ.get("WORLD_SIZE", "1"))
+
+
+def build_accelerator(cfg: TrainConfig) -> Any:
+    """accelerate's ``Accelerator`` for ``cfg``: precision, trackers, and the process-group timeout.
+
+    Without CUDA, ``cpu=True``: accelerate otherwise ignores a multi-process launch on a CPU-only machine and every
+    process trains alone (writing the same run directory); with it, the processes form a gloo group.
+    """
+    from accelerate import Accelerator
+    from accelerate.utils import InitProcessGroupKwargs
+
+    timeout = InitProcessGroupKwargs(timeout=timedelta(seconds=cfg.train.dist_timeout_s))
+    return Accelerator(mixed_precision=cfg.train.mixed_precision, cpu=not torch.cuda.is_available(),
+                       log_with="wandb" if cfg.log.wandb != "disabled" else None, kwargs_handlers=[timeout])
+
+
+def check_process_group(accelerator: Any) -> None:
+    """Refuse to train when the launcher started several processes but they did not form one process group."""
+    launched = launched_world_size()
+    if launched > 1 and accelerator.num_processes != launched:
+        raise RuntimeError(
+            f"launched as {launched} processes (WORLD_SIZE) but accelerate formed a group of "
+            f"{accelerator.num_processes}: each process would train alone and overwrite the same run.dir. "
+            "Pass Accelerator(cpu=True) on machines without a GPU.")
+
+
 class Trainer(ABC):
     """Base class: subclasses implement :meth:`build_modules`, :meth:`build_dataset` and :meth:`train_step`.
 
@@ -89,11 +130,9 @@ class Trainer(ABC):
     """
 
     def __init__(self, cfg: TrainConfig, accelerator: Any | None = None, argv: list[str] | None = None) -> None:
-        from accelerate import Accelerator
-
         self.cfg = cfg
-        self.accelerator = accelerator or Accelerator(
-            mixed_precision=cfg.train.mixed_precision, log_with="wandb" if cfg.log.wandb != "disabled" else None)
+        self.accelerator = accelerator or build_accelerator(cfg)
+        check_process_group(self.accelerator)
         self.run_dir = Path(cfg.run.dir)
         self.ckpt_dir = self.run_dir / "checkpoints"
         self.argv = argv
@@ -185,6 +224,22 @@ class Trainer(ABC):
         self._grad_norms[name] = float(norm)
         return True
 
+    def _mean_over_processes(self, logs: dict[str, Any]) -> dict[str, Any]:
+        """Logged scalars averaged over processes: with equal per-process batches, the global-batch mean."""
+        if self.accelerator.num_processes == 1:
+            return logs
+        keys = sorted(k for k, v in logs.items() if isinstance(v, (int, float)))
+        values = torch.tensor([float(logs[k]) for k in keys], dtype=torch.float64, device=self.device)
+        values = self.accelerator.reduce(values, "mean")
+        return {**logs, **dict(zip(keys, values.tolist(), strict=True))}
+
+    def _total_data_skipped(self) -> int:
+        """Unreadable samples dropped so far by all processes (each counts its own share of the data)."""
+        if self.accelerator.num_processes == 1:
+            return self.data_skipped
+        count = torch.tensor([self.data_skipped], dtype=torch.int64, device=self.device)
+        return int(self.accelerator.reduce(count, "sum").item())
+
     def _all_finite(self, value: torch.Tensor) -> bool:
         ok = torch.isfinite(value).all().to(self.device, torch.float32).reshape(1)
         if self.accelerator.num_processes > 1:
@@ -257,9 +312,10 @@ class Trainer(ABC):
         """Write a checkpoint of the current step (main process), then wait for every rank."""
         self.accelerator.wait_for_everyone()
         path = None
+        data_skipped = self._total_data_skipped()
         if self.accelerator.is_main_process:
             meta = {"samples_seen": self.step * self.global_batch, "bad_steps": self.bad_steps,
-                    "data_skipped": self.data_skipped, "world_size": self.accelerator.num_processes}
+                    "data_skipped": data_skipped, "world_size": self.accelerator.num_processes}
             path = ckpt.save_checkpoint(self.ckpt_dir, self.step, self.checkpoint_modules(),
                                         self.training_state(), meta, keep_last=self.cfg.train.keep_last)
             self.on_checkpoint(self.step)
@@ -278,7 +334,8 @@ class Trainer(ABC):
         set_rng_state(state["rng"])
         self.step = int(meta["step"])
         self.bad_steps = int(meta.get("bad_steps", 0))
-        self.data_skipped = int(meta.get("data_skipped", 0))
+        # the checkpoint holds the total over processes: rank 0 carries it on, the others count from zero again
+        self.data_skipped = int(meta.get("data_skipped", 0)) if self.accelerator.is_main_process else 0
         logger.info("resumed from %s at step %d", path, self.step)
 
     # ----------------------------------------------------------------- data
@@ -335,6 +392,27 @@ class Trainer(ABC):
         bar = tqdm(total=cfg.train.steps, initial=self.step, desc="train", dynamic_ncols=True,
                    disable=not (acc.is_main_process and cfg.log.progress))
         data = self.batches()
+        with self._lost_processes_guard():
+            self._loop(data, bar)
+        bar.close()
+        final = self.run_dir / "final"
+        if acc.is_main_process:
+            model = self.export_model()
+            if hasattr(model, "save_pretrained"):
+                model.save_pretrained(final)
+            else:
+                from safetensors.torch import save_model
+
+                final.mkdir(parents=True, exist_ok=True)
+                save_model(model, str(final / "model.safetensors"))
+        with self._lost_processes_guard():
+            acc.wait_for_everyone()
+        self.metrics.close()
+        return final
+
+    def _loop(self, data: Iterator[dict[str, Any]], bar: Any) -> None:
+        """Steps from ``self.step`` to ``train.steps``: train, count bad steps, log, checkpoint."""
+        cfg, acc = self.cfg, self.accelerator
         t_last, last_step = time.perf_counter(), self.step
         while self.step < cfg.train.steps:
             self._step_bad, self._bad_opts = False, set()
@@ -362,27 +440,31 @@ class Trainer(ABC):
                 now = time.perf_counter()
                 logs = {**logs, **{f"grad_norm/{k}": v for k, v in self._grad_norms.items()},
                         "lr": self.schedulers["model"].get_last_lr()[0] if "model" in self.schedulers else 0.0,
-                        "steps_per_s": (self.step - last_step) / max(now - t_last, 1e-9),
-                        "bad_steps": self.bad_steps, "data_skipped": self.data_skipped}
+                        "steps_per_s": (self.step - last_step) / max(now - t_last, 1e-9)}
+                logs = {**self._mean_over_processes(logs), "bad_steps": self.bad_steps,
+                        "data_skipped": self._total_data_skipped()}
                 t_last, last_step = now, self.step
                 self.metrics.log(logs, self.step)
                 bar.set_postfix({k: f"{v:.4g}" for k, v in logs.items() if k.startswith("loss")}, refresh=False)
             if self.step % cfg.train.ckpt_every == 0 or self.step == cfg.train.steps:
                 self.save()
-        bar.close()
-        final = self.run_dir / "final"
-        if acc.is_main_process:
-            model = self.export_model()
-            if hasattr(model, "save_pretrained"):
-                model.save_pretrained(final)
-            else:
-                from safetensors.torch import save_model
 
-                final.mkdir(parents=True, exist_ok=True)
-                save_model(model, str(final / "model.safetensors"))
-        acc.wait_for_everyone()
-        self.metrics.close()
-        return final
+    @contextlib.contextmanager
+    def _lost_processes_guard(self) -> Iterator[None]:
+        """Turn a failed or timed-out collective into :class:`LostProcesses` with what happened and what to do."""
+        try:
+            yield
+        except RuntimeError as err:
+            acc = self.accelerator
+            if acc.num_processes == 1 or isinstance(err, TrainingAborted) or not _PEER_FAILURE.search(str(err)):
+                raise
+            newest = ckpt.latest_checkpoint(self.ckpt_dir)
+            cause = str(err).strip().splitlines()[0] if str(err).strip() else type(err).__name__
+            raise LostProcesses(
+                f"process {acc.process_index} of {acc.num_processes} lost contact with the others at step "
+                f"{self.step}: a collective failed or waited longer than train.dist_timeout_s="
+                f"{self.cfg.train.dist_timeout_s:g} s, so another process died or stalled. Newest checkpoint: "
+                f"{newest or 'none yet'}; restart the whole job with resume=auto. Cause: {cause}") from err
 
 
 def _as_dict(cfg: Any) -> dict:
