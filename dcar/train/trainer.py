@@ -9,7 +9,9 @@ A concrete trainer (tokenizer, generator) subclasses :class:`Trainer` and suppli
 * a non-finite loss or gradient skips the update; after ``train.max_bad_steps`` consecutive bad steps the run
   aborts with :class:`TrainingAborted`, and a checkpoint never holds non-finite weights;
 * checkpoints are written atomically (:mod:`dcar.train.checkpoint`); the final model goes to ``<run.dir>/final``
-  with ``save_pretrained``.
+  with ``save_pretrained``;
+* with several processes, logged scalars are means over processes (``data_skipped`` a sum), and a collective that
+  fails or waits longer than ``train.dist_timeout_s`` (a process died or stalled) raises :class:`LostProcesses`.
 """
 
 from __future__ import annotations
@@ -100,14 +102,15 @@ def launched_world_size() -> int:
 def build_accelerator(cfg: TrainConfig) -> Any:
     """accelerate's ``Accelerator`` for ``cfg``: precision, trackers, and the process-group timeout.
 
-    Without CUDA, ``cpu=True``: accelerate otherwise ignores a multi-process launch on a CPU-only machine and every
-    process trains alone (writing the same run directory); with it, the processes form a gloo group.
+    A multi-process launch without CUDA gets ``cpu=True``: accelerate otherwise ignores it on a CPU-only machine and
+    every process trains alone (all writing the same run directory); with it, the processes form a gloo group.
     """
     from accelerate import Accelerator
     from accelerate.utils import InitProcessGroupKwargs
 
     timeout = InitProcessGroupKwargs(timeout=timedelta(seconds=cfg.train.dist_timeout_s))
-    return Accelerator(mixed_precision=cfg.train.mixed_precision, cpu=not torch.cuda.is_available(),
+    cpu = launched_world_size() > 1 and not torch.cuda.is_available()
+    return Accelerator(mixed_precision=cfg.train.mixed_precision, cpu=cpu,
                        log_with="wandb" if cfg.log.wandb != "disabled" else None, kwargs_handlers=[timeout])
 
 
