@@ -22,7 +22,7 @@ TOKENIZER_TINY = [
     "model.encoder_layers_per_block=[0,1,1,1,1,1]", "model.decoder_layers_per_block=[0,1,1,1,1,1]",
     "model.decoder_norm_types=[rms_norm,rms_norm,rms_norm,rms_norm,rms_norm,rms_norm]",
     "model.quantizer.codebook_size=64", "data.resolution=64", "train.log_every=1", "log.progress=false",
-    "optim.warmup_steps=0", "num_preview=2",
+    "optim.warmup_steps=0", "num_preview=2", "codebook_init_images=64",
 ]
 
 

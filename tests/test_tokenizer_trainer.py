@@ -20,7 +20,7 @@ TINY = [
     "model.encoder_block_out_channels=[8,8,16,32,32,32]", "model.decoder_block_out_channels=[8,8,16,32,32,32]",
     "model.encoder_layers_per_block=[0,1,1,1,1,1]", "model.decoder_layers_per_block=[0,1,1,1,1,1]",
     "model.quantizer.codebook_size=64", "data.resolution=64", "train.batch_size=8", "train.log_every=1",
-    "log.progress=false", "optim.warmup_steps=0",
+    "log.progress=false", "optim.warmup_steps=0", "codebook_init_images=64",
 ]
 
 
@@ -90,7 +90,7 @@ def test_three_stages_semantics_and_learning(tmp_path):
 def test_kmeans_codebook_init_on_init_from(tmp_path):
     _train(_cfg(tmp_path, "warmup", "stage=warmup", "train.steps=4", "train.ckpt_every=4"))
     init = [f"init_from={tmp_path / 'warmup' / 'final'}", "stage=discrete", "train.steps=1"]
-    keep = _trainer(_cfg(tmp_path, "keep", *init))
+    keep = _trainer(_cfg(tmp_path, "keep", *init, "codebook_init=keep"))
     keep.setup()
     km = _trainer(_cfg(tmp_path, "km", *init, "codebook_init=kmeans", "codebook_init_images=64"))
     km.setup()
