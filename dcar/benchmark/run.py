@@ -1,0 +1,276 @@
+"""``run_benchmark(cfg)``: build a randomly initialised pipeline, measure it, and return / write the JSON report.
+
+Order of work (each timed region is bracketed by device synchronisation):
+
+1. the device's dense matmul rate in the run's dtype (:func:`~dcar.benchmark.timing.matmul_rate`);
+2. FLOPs per image: one batch-1 call, piece by piece, each phase under ``FlopCounterMode``; the total is their sum
+   (the pieces run exactly the ops of ``pipe(...)``). It also warms the pipeline up (``flops_only=true`` stops
+   here);
+3. latency: ``latency_warmup`` + ``latency_repeats`` whole calls at ``latency_batch`` (1);
+4. phases at ``throughput_batch`` (16): ``phase_repeats`` piece-by-piece calls, median per phase; they also warm
+   the batch-16 call up;
+5. throughput: ``throughput_warmup`` + ``throughput_repeats`` whole calls at ``throughput_batch``;
+6. ``ablate=true``: the transformer phase with each sampling optimisation off (:mod:`dcar.benchmark.phases`);
+7. ``train=true``: generator training throughput (:mod:`dcar.benchmark.train`; changes the weights, so it is last).
+
+Precision: ``precision=autocast`` (default) keeps fp32 weights and runs every call inside
+``torch.autocast(device, dtype)`` (matmuls and convolutions in bf16/fp16, as HART samples); ``precision=cast``
+casts the tokenizer and generator with ``pipe.to(dtype=...)``. float32 uses neither.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import json
+import os
+import platform
+import tempfile
+import time
+from collections.abc import Callable
+from pathlib import Path
+from typing import Any
+
+import torch
+
+from dcar.config.loader import ConfigError, to_container
+
+from .config import BenchmarkConfig, base_prompts, model_configs, output_path, prompt_list
+from .phases import PHASES, PhaseClock, PhaseFlops, Sampling, phased_call, transformer_phase
+from .timing import device_name, keep_freed_memory, matmul_rate, peak_memory, reset_peak_memory, stats, sync, time_calls
+
+__all__ = ["DTYPES", "build_pipeline", "count_flops", "resolve_device", "run_benchmark"]
+
+DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}
+
+
+def resolve_device(name: str) -> torch.device:
+    """``auto`` = cuda if available, else cpu; a requested cuda device must exist."""
+    if name == "auto":
+        return torch.device("cuda" if torch.cuda.is_available() else "cpu")
+    device = torch.device(name)
+    if device.type == "cuda" and not torch.cuda.is_available():
+        raise ConfigError(f"device={name!r} but CUDA is not available")
+    return device
+
+
+def amp_factory(device: torch.device, cfg: BenchmarkConfig) -> Callable[[], contextlib.AbstractContextManager]:
+    """A fresh precision context per call: autocast for bf16/fp16 with ``precision=autocast``, else nothing."""
+    dtype = DTYPES[cfg.dtype]
+    if dtype == torch.float32 or cfg.precision == "cast":
+        return contextlib.nullcontext
+    return lambda: torch.autocast(device.type, dtype=dtype)
+
+
+def build_pipeline(cfg: BenchmarkConfig, device: torch.device, workdir: str | os.PathLike):
+    """A :class:`DCARPipeline` of randomly initialised models on ``device`` (eval mode); ``workdir`` receives
+    the word tokenizer of a ``t5-random`` text encoder."""
+    from dcar.models.generator import DCAR, TextEncoder, TextEncoderConfig, build_word_tokenizer
+    from dcar.models.tokenizer import DCHT
+    from dcar.pipeline import DCARPipeline, load_text_encoder
+
+    tok_cfg, gen_cfg = model_configs(cfg)
+    if cfg.text_encoder:
+        path = Path(cfg.text_encoder)
+        if not path.is_dir():
+            raise ConfigError(f"text_encoder={cfg.text_encoder!r} is not a local directory (nothing is downloaded)")
+        if (path / "dcar_text_encoder.json").is_file():
+            text_encoder = load_text_encoder(path)
+        else:
+            text_encoder = TextEncoder(TextEncoderConfig(kind="t5", name_or_path=str(path),
+                                                         max_length=cfg.text_max_length))
+    else:
+        words = Path(workdir) / "text_tokenizer"
+        build_word_tokenizer(base_prompts(cfg), words)
+        text_encoder = TextEncoder(TextEncoderConfig(
+            kind="t5-random", name_or_path="t5-random-benchmark", tokenizer_path=str(words),
+            max_length=cfg.text_max_length, t5_config=dict(cfg.text_t5_config), seed=cfg.seed))
+    if text_encoder.hidden_size != gen_cfg.caption_dim:
+        raise ConfigError(f"the text encoder gives {text_encoder.hidden_size}-d states but model.caption_dim is "
+                          f"{gen_cfg.caption_dim}")
+    with torch.random.fork_rng(devices=[]):
+        torch.manual_seed(cfg.seed)
+        tokenizer = DCHT(tok_cfg).eval()
+        generator = DCAR(gen_cfg).eval()
+    pipe = DCARPipeline(tokenizer, generator, text_encoder)
+    return pipe.to(device, DTYPES[cfg.dtype] if cfg.precision == "cast" else None)
+
+
+def count_flops(pipe, prompts: list[str], s: Sampling, amp: Callable) -> dict[str, Any]:
+    """FLOPs of one ``pipe(prompts, ...)`` call, counted phase by phase (:func:`phased_call` runs the same ops as
+    the whole call; tests check that the totals agree): ``{"total": int, "phases": {phase: int}}``."""
+    per_phase = PhaseFlops()
+    with amp():
+        phased_call(pipe, prompts, s, per_phase)
+    phases = {p: per_phase.flops.get(p, 0) for p in PHASES}
+    return {"total": sum(phases.values()), "phases": phases}
+
+
+def _timed_phases(pipe, prompts, s, device, amp, repeats: int) -> dict[str, Any]:
+    runs: list[dict[str, float]] = []
+    for _ in range(repeats):
+        clock = PhaseClock(device)
+        with amp():
+            phased_call(pipe, prompts, s, clock)
+        runs.append({p: clock.seconds.get(p, 0.0) for p in PHASES})
+    per = {p: stats([r[p] for r in runs]) for p in PHASES}
+    return {"median": {p: per[p]["median"] for p in PHASES}, "stats": per,
+            "total": stats([sum(r.values()) for r in runs])}
+
+
+def _ablation(pipe, cfg: BenchmarkConfig, s: Sampling, device, amp) -> dict[str, Any]:
+    """Transformer phase (text K/V + MaskGIT steps) at ``ablate_batch`` with each optimisation off in turn."""
+    batch = cfg.ablate_batch or cfg.throughput_batch
+    with torch.no_grad(), amp():
+        states, mask = pipe.encode_prompts(prompt_list(cfg, batch))
+
+    def measure(variant: str, forward=None, warmup: int = cfg.ablate_warmup) -> tuple[dict[str, Any], torch.Tensor]:
+        codes = []
+
+        def call() -> None:
+            with amp():
+                codes.append(transformer_phase(pipe, states, mask, s, variant, forward))
+
+        timing = time_calls(call, device, warmup, cfg.ablate_repeats)
+        return timing, codes[-1]
+
+    use_cfg = s.flags(pipe)[2]
+    base, base_codes = measure("baseline")
+    out: dict[str, Any] = {"batch": batch, "baseline_s": base["median"], "baseline": base, "variants": {}}
+
+    def record(name: str, what: str, timing: dict, codes: torch.Tensor, on_s: float, **extra: Any) -> None:
+        out["variants"][name] = {"optimisation": what, "off_s": timing["median"], "on_s": on_s,
+                                 "speedup": timing["median"] / on_s, "same_codes": bool(torch.equal(codes, base_codes)),
+                                 "timing": timing, **extra}
+
+    t, c = measure("full_logits")
+    record("logits_at_masked_only", "codebook logits only at still-masked positions", t, c, base["median"])
+    if use_cfg:
+        t, c = measure("separate_cfg")
+        record("batched_cfg", "both CFG branches in one forward of 2B rows", t, c, base["median"])
+    else:
+        out["variants"]["batched_cfg"] = {"skipped": "guidance_scale == 1 (no CFG)"}
+    t, c = measure("recompute_kv")
+    record("text_kv_once", "cross-attention K/V computed once per generation", t, c, base["median"])
+    if cfg.ablate_compile:
+        model = pipe.generator
+        if cfg.compile:  # the baseline is compiled in place: the "off" variant calls the eager forward
+            t, c = measure("forward", model.forward)
+            record("compile", "torch.compile of the generator", t, c, base["median"], backend=cfg.compile_backend)
+        else:
+            compiled = torch.compile(model, dynamic=False, backend=cfg.compile_backend)
+            start = time.perf_counter()
+            t_on, c_on = measure("forward", compiled, max(1, cfg.ablate_warmup))  # the first warm-up compiles
+            t_on["wall_incl_compile_s"] = time.perf_counter() - start
+            out["variants"]["compile"] = {
+                "optimisation": "torch.compile of the generator", "off_s": base["median"], "on_s": t_on["median"],
+                "speedup": base["median"] / t_on["median"], "same_codes": bool(torch.equal(c_on, base_codes)),
+                "timing": t_on, "backend": cfg.compile_backend}
+    else:
+        out["variants"]["compile"] = {"skipped": "ablate_compile=false"}
+    return out
+
+
+def _environment(cfg: BenchmarkConfig, device: torch.device) -> dict[str, Any]:
+    return {"device": device.type, "device_name": device_name(device), "dtype": cfg.dtype,
+            "precision": cfg.precision if cfg.dtype != "float32" else "float32",
+            "torch_version": torch.__version__, "python_version": platform.python_version(),
+            "threads": torch.get_num_threads(), "cpu_count": os.cpu_count(),
+            "allow_tf32": bool(torch.backends.cuda.matmul.allow_tf32), "malloc_keep": cfg.malloc_keep,
+            "compile": cfg.compile, "load_average_start": list(os.getloadavg()),
+            "config": to_container(cfg)}
+
+
+def run_benchmark(cfg: BenchmarkConfig, log: Callable[[str], None] = print) -> dict[str, Any]:
+    """Everything the module docstring lists; writes the JSON (``out=``) and returns it as a dict."""
+    device = resolve_device(cfg.device)
+    if cfg.threads:
+        torch.set_num_threads(cfg.threads)
+    if cfg.malloc_keep and device.type == "cpu" and not keep_freed_memory():
+        log("malloc_keep: glibc mallopt is unavailable here; using the default allocator")
+    dtype = DTYPES[cfg.dtype]
+    amp = amp_factory(device, cfg)
+    s = Sampling(cfg.num_steps, cfg.guidance_scale, cfg.seed)
+    result: dict[str, Any] = _environment(cfg, device)
+    started = time.perf_counter()
+    with tempfile.TemporaryDirectory(prefix="dcar_bench_") as workdir:
+        log("building the pipeline (random weights)")
+        pipe = build_pipeline(cfg, device, workdir)
+    gen = pipe.generator
+    result["models"] = {
+        "generator_parameters": gen.num_parameters("transformer"), "head_parameters": gen.num_parameters("head"),
+        "tokenizer_parameters": sum(p.numel() for p in pipe.tokenizer.parameters()),
+        "text_encoder_parameters": sum(p.numel() for p in pipe.text_encoder.parameters()),
+        "grid": list(pipe.grid_size()), "image_size": gen.config.image_size,
+        "layers": gen.config.num_layers, "width": gen.config.width, "heads": gen.config.num_heads,
+        "text_tokens": pipe.text_encoder.config.max_length,
+    }
+    log(f"matmul rate ({cfg.dtype})")
+    mm = matmul_rate(device, dtype, cfg.matmul_size, cfg.matmul_repeats)
+    result["matmul"], result["matmul_flops_per_s"] = mm, mm["flops_per_s"]
+    p1, pb = prompt_list(cfg, cfg.latency_batch), prompt_list(cfg, cfg.throughput_batch)
+    if cfg.flops or cfg.flops_only:
+        log("counting FLOPs (one batch-1 call, per phase)")
+        fl = count_flops(pipe, p1[:1], s, amp)
+        result["flops_per_image"] = fl["total"]
+        result["flops_per_image_phases"] = fl["phases"]
+    if cfg.flops_only:
+        return _finish(result, cfg, device, started, log)
+
+    def whole(prompts: list[str]) -> Callable[[], Any]:
+        def call() -> Any:
+            with amp():
+                return pipe(prompts, s.num_steps, s.guidance_scale, seed=s.seed)
+        return call
+
+    if cfg.compile:
+        gen.compile(dynamic=False, backend=cfg.compile_backend)
+        start = time.perf_counter()
+        whole(p1)()
+        sync(device)
+        result["compile_first_call_s"] = time.perf_counter() - start
+    log(f"latency: batch {cfg.latency_batch}, {cfg.latency_warmup} warm-up + {cfg.latency_repeats} timed calls")
+    lat = time_calls(whole(p1), device, cfg.latency_warmup, cfg.latency_repeats)
+    result["latency"], result["latency_s"] = lat, lat["median"]
+    b = cfg.throughput_batch
+    reset_peak_memory(device)
+    log(f"phases: batch {b}, {cfg.phase_repeats} piece-by-piece calls")
+    ph = _timed_phases(pipe, pb, s, device, amp, cfg.phase_repeats)
+    result["phases"], result["phase_timing"] = ph["median"], ph
+    log(f"throughput: batch {b}, {cfg.throughput_warmup} warm-up + {cfg.throughput_repeats} timed calls")
+    thr = time_calls(whole(pb), device, cfg.throughput_warmup, cfg.throughput_repeats)
+    result["throughput"], result["throughput_img_s"] = thr, b / thr["median"]
+    result["peak_memory"] = peak_memory(device)
+    if "flops_per_image" in result:
+        flops = result["flops_per_image"]
+        result["achieved_flops_per_s"] = flops * b / thr["median"]
+        result["fraction_of_peak"] = result["achieved_flops_per_s"] / mm["flops_per_s"]
+        tf = result["flops_per_image_phases"]["transformer"] * b / ph["median"]["transformer"]
+        result["transformer_flops_per_s"] = tf
+        result["transformer_fraction_of_peak"] = tf / mm["flops_per_s"]
+    if cfg.ablate:
+        log("ablation: transformer phase with each optimisation off")
+        result["ablation"] = _ablation(pipe, cfg, s, device, amp)
+    if cfg.train:
+        log(f"training: batch {cfg.train_batch}, 1 counted + {cfg.train_warmup} warm-up + {cfg.train_repeats} steps")
+        from .train import train_throughput
+
+        tr = train_throughput(gen, cfg.train_batch, pipe.text_encoder.config.max_length, device, amp,
+                              cfg.train_warmup, cfg.train_repeats, cfg.seed)
+        tr["fraction_of_peak"] = tr["achieved_flops_per_s"] / mm["flops_per_s"]
+        result["train"] = tr
+    return _finish(result, cfg, device, started, log)
+
+
+def _finish(result: dict[str, Any], cfg: BenchmarkConfig, device: torch.device, started: float,
+            log: Callable[[str], None]) -> dict[str, Any]:
+    result["wall_s"] = time.perf_counter() - started
+    result["load_average_end"] = list(os.getloadavg())
+    if device.type == "cpu":
+        result.setdefault("peak_memory", peak_memory(device))
+    path = output_path(cfg, device.type, cfg.dtype)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    tmp = path.with_name(path.name + ".tmp")
+    tmp.write_text(json.dumps(result, indent=2, sort_keys=True) + "\n")
+    tmp.replace(path)
+    result["out"] = str(path)
+    return result

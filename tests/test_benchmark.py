@@ -1,0 +1,157 @@
+"""scripts/benchmark.py and dcar.benchmark on the tiny preset: the JSON has every key with sane values, FLOPs match
+an independent FlopCounterMode count, the phase pieces reproduce the whole call, and config errors name the key.
+No assertion depends on how fast this machine is (only loose consistency between two timings of the same work)."""
+
+import contextlib
+import json
+import runpy
+import sys
+from pathlib import Path
+
+import pytest
+import torch
+import torch.nn.functional as F
+
+from dcar.benchmark import (
+    PHASES,
+    Sampling,
+    build_pipeline,
+    flop_counter,
+    load_benchmark_config,
+    phased_call,
+    transformer_phase,
+)
+from dcar.benchmark.config import prompt_list
+from dcar.config import ConfigError
+
+ROOT = Path(__file__).resolve().parents[1]
+SCRIPT = ROOT / "scripts" / "benchmark.py"
+
+
+def run_script(argv, monkeypatch):
+    monkeypatch.setattr(sys, "argv", [str(SCRIPT), *argv])
+    threads = torch.get_num_threads()
+    try:
+        runpy.run_path(str(SCRIPT), run_name="__main__")
+    finally:
+        torch.set_num_threads(threads)
+
+
+@pytest.fixture(scope="module")
+def result(tmp_path_factory):
+    out = tmp_path_factory.mktemp("bench") / "tiny.json"
+    with pytest.MonkeyPatch.context() as mp:
+        run_script(["preset=tiny", f"out={out}"], mp)
+    return json.loads(out.read_text())
+
+
+@pytest.fixture(scope="module")
+def tiny(tmp_path_factory):
+    cfg = load_benchmark_config(["preset=tiny"])
+    pipe = build_pipeline(cfg, torch.device("cpu"), tmp_path_factory.mktemp("words"))
+    return cfg, pipe
+
+
+def test_json_has_every_key_with_sane_values(result):
+    for key in ("device", "dtype", "flops_per_image", "matmul_flops_per_s", "latency_s", "throughput_img_s",
+                "phases", "fraction_of_peak", "transformer_fraction_of_peak", "config", "torch_version",
+                "device_name", "threads", "peak_memory", "train", "ablation"):
+        assert key in result, key
+    assert result["device"] == "cpu" and result["dtype"] == "float32" and result["threads"] == 1
+    assert result["config"]["preset"] == "tiny" and result["torch_version"] == torch.__version__
+    for key in ("flops_per_image", "matmul_flops_per_s", "latency_s", "throughput_img_s", "achieved_flops_per_s"):
+        assert result[key] > 0, key
+    assert set(result["phases"]) == set(PHASES) and all(v > 0 for v in result["phases"].values())
+    assert 0 < result["fraction_of_peak"] <= 1.5 and 0 < result["transformer_fraction_of_peak"] <= 1.5
+    assert result["peak_memory"]["bytes"] > 2**20
+    assert result["latency"]["n"] == 2 and result["throughput"]["n"] == 2 and result["matmul"]["size"] == 256
+    train = result["train"]
+    assert train["batch"] == 4 and train["img_s"] > 0 and train["flops_per_step"] > 0
+    assert 0 < train["fraction_of_peak"] <= 1.5
+    # a training step costs about 3 forwards (forward + backward of the transformer, plus the head's loss)
+    assert train["flops_per_image"] > result["flops_per_image_phases"]["transformer"] / 24
+
+
+def test_phases_add_up_to_the_whole_call(result):
+    assert sum(result["flops_per_image_phases"].values()) == result["flops_per_image"]
+    batch_s = result["throughput"]["median"]
+    # same work timed two ways on a shared machine: only a loose consistency check
+    assert batch_s / 3 < sum(result["phases"].values()) < 3 * batch_s
+
+
+def test_ablation_entries(result):
+    ab = result["ablation"]
+    assert ab["batch"] == 4 and ab["baseline_s"] > 0
+    assert set(ab["variants"]) == {"logits_at_masked_only", "batched_cfg", "text_kv_once", "compile"}
+    for name, v in ab["variants"].items():
+        assert v["off_s"] > 0 and v["on_s"] > 0 and v["speedup"] > 0, name
+    # switching an optimisation off must not change what is sampled (K/V recomputation and eager-backend
+    # compilation run the very same kernels)
+    assert ab["variants"]["text_kv_once"]["same_codes"] and ab["variants"]["compile"]["same_codes"]
+
+
+def test_flops_per_image_equals_an_independent_count(result, tiny):
+    cfg, pipe = tiny
+    with flop_counter() as counter:
+        pipe(prompt_list(cfg, 1), cfg.num_steps, cfg.guidance_scale, seed=cfg.seed)
+    assert counter.get_total_flops() == result["flops_per_image"]
+    with flop_counter() as counter:
+        pipe(prompt_list(cfg, 2), cfg.num_steps, cfg.guidance_scale, seed=cfg.seed)
+    assert counter.get_total_flops() == 2 * result["flops_per_image"]
+
+
+def test_cpu_attention_is_counted():
+    q, k, v = torch.randn(2, 4, 16, 8), torch.randn(2, 4, 6, 8), torch.randn(2, 4, 6, 8)
+    mask = torch.ones(2, 1, 1, 6, dtype=torch.bool)
+    mask[0, ..., 3:] = False
+    with flop_counter() as counter:
+        F.scaled_dot_product_attention(q, k, v, attn_mask=mask)
+    assert counter.get_total_flops() == 2 * (2 * 2 * 4 * 16 * 6 * 8)  # QK^T and PV
+
+
+def test_phase_pieces_reproduce_the_pipeline_call(tiny):
+    cfg, pipe = tiny
+    prompts = prompt_list(cfg, 3)
+    s = Sampling(6, 3.0, seed=5)
+    images = phased_call(pipe, prompts, s, lambda name: contextlib.nullcontext())
+    assert torch.equal(images, pipe(prompts, 6, 3.0, seed=5))
+
+
+def test_transformer_variants_sample_the_same_codes(tiny):
+    cfg, pipe = tiny
+    s = Sampling(6, 3.0, seed=1)
+    with torch.no_grad():
+        states, mask = pipe.encode_prompts(prompt_list(cfg, 3))
+    base = transformer_phase(pipe, states, mask, s)
+    codes, _ = pipe.generate_tokens(prompt_list(cfg, 3), 6, 3.0, seed=1)
+    assert torch.equal(base, codes)
+    for variant in ("full_logits", "separate_cfg", "recompute_kv"):
+        assert transformer_phase(pipe, states, mask, s, variant).shape == base.shape
+    assert torch.equal(transformer_phase(pipe, states, mask, s, "recompute_kv"), base)
+    assert torch.equal(transformer_phase(pipe, states, mask, s, "forward", pipe.generator), base)
+    with pytest.raises(ValueError, match="unknown variant"):
+        transformer_phase(pipe, states, mask, s, "nope")
+
+
+def test_unknown_keys_are_named(monkeypatch, capsys):
+    with pytest.raises(ConfigError, match=r"unknown key 'num_step'.*did you mean 'num_steps'"):
+        load_benchmark_config(["num_step=3"])
+    with pytest.raises(ConfigError, match=r"unknown key 'model.num_layer'.*did you mean 'model.num_layers'"):
+        load_benchmark_config(["preset=tiny", "model.num_layer=3"])
+    with pytest.raises(ConfigError, match="invalid choice 'fast' for 'preset'"):
+        load_benchmark_config(["preset=fast"])
+    with pytest.raises(ConfigError, match="codebook"):
+        load_benchmark_config(["tokenizer=shapes"])
+    with pytest.raises(SystemExit) as exit_info:
+        run_script(["preset=tiny", "latency_repeat=3"], monkeypatch)
+    assert exit_info.value.code == 2
+    assert "unknown key 'latency_repeat'" in capsys.readouterr().err
+
+
+def test_presets_resolve():
+    mid = load_benchmark_config(["preset=cpu-mid"])
+    assert (mid.device, mid.dtype, mid.throughput_batch, mid.model["num_layers"], mid.model["width"]) == \
+        ("cpu", "float32", 16, 12, 512)
+    paper = load_benchmark_config(["preset=paper"])
+    default = load_benchmark_config([])
+    assert (paper.generator, paper.tokenizer, paper.throughput_batch) == (default.generator, default.tokenizer, 16)
