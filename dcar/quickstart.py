@@ -53,12 +53,16 @@ class QuickstartConfig:
     cache_images: int = 0  # train images pre-tokenised for the generator; 0: CACHE_IMAGES
     eval_images: int = 256
     num_captions: int = 64  # held-out captions sampled for the grid and ShapesEval
-    guidance_scale: float = 4.5
+    guidance_scale: float = 4.5  # CFG on the MaskGIT logits
+    # The residual head's sampler. Measured on a quickstart run (64 held-out images, ground-truth tokens): head CFG
+    # 4.5 lost 0.8-1.2 dB against CFG 1.0 at every temperature, and temperature 0.2 gained 0.6 dB over 1.0.
+    head_guidance_scale: float = 1.0
+    head_temperature: float = 0.2
     progress: bool = True
 
 
 # Steps per tokenizer stage for the full run and for the CI variant.
-STAGE_STEPS: dict[str, tuple[int, int]] = {"warmup": (600, 12), "discrete": (1200, 12), "alternate": (600, 12)}
+STAGE_STEPS: dict[str, tuple[int, int]] = {"warmup": (700, 12), "discrete": (300, 12), "alternate": (800, 12)}
 STAGES = ("warmup", "discrete", "alternate")
 GENERATOR_STEPS = (1500, 12)
 CACHE_IMAGES = (12288, 64)  # full run, CI variant
@@ -175,6 +179,10 @@ class Quickstart:
             argv += ["train.log_every=4", "num_preview=2"]
         GeneratorTrainer(load_config(GeneratorTrainConfig, argv), argv=["dcar.quickstart", *argv]).fit()
 
+    @property
+    def head_kwargs(self) -> dict[str, float]:
+        return {"head_guidance_scale": self.cfg.head_guidance_scale, "head_temperature": self.cfg.head_temperature}
+
     def pipeline(self):
         from dcar.pipeline import DCARPipeline
 
@@ -195,7 +203,8 @@ class Quickstart:
 
         data = self.heldout(16)
         captions = [data[i]["caption"] for i in range(len(data))]
-        images = self.pipeline()(captions, guidance_scale=self.cfg.guidance_scale, seed=self.cfg.seed)
+        images = self.pipeline()(captions, guidance_scale=self.cfg.guidance_scale, seed=self.cfg.seed,
+                                 **self.head_kwargs)
         save_image_grid(images, self.out / "samples_grid.png", nrow=8, captions=captions)
 
     @torch.no_grad()
@@ -207,6 +216,7 @@ class Quickstart:
         captions = sorted(data.captions())[: 8 if self.cfg.ci else self.cfg.num_captions]
         res = evaluate_shapes(self.pipeline(), captions, self.out / "shapes_eval" / name, seed=self.cfg.seed,
                               guidance_scale=self.cfg.guidance_scale, use_head=use_head,
+                              pipe_kwargs=self.head_kwargs if use_head else None,
                               progress=self.cfg.progress)
         keys = ("color", "shape", "count", "relation", "full")
         return {"shapes_eval": {name: {k: res["scores"][k] for k in keys}}}
@@ -223,7 +233,8 @@ class Quickstart:
             items = [data[i] for i in range(start, min(start + 32, len(data)))]
             images = torch.stack([it["image"] for it in items]).to(pipe.device)
             enc = pipe.tokenizer.eval().encode(images)
-            residual = pipe.refine_residuals(enc.indices, [it["caption"] for it in items], seed=self.cfg.seed + start)
+            residual = pipe.refine_residuals(enc.indices, [it["caption"] for it in items], seed=self.cfg.seed + start,
+                                             **self.head_kwargs)
             recon = {"tokens": pipe.decode(enc.indices), "continuous": pipe.tokenizer.decode(enc.z).clamp(-1, 1),
                      "tokens_plus_sampled_residual": pipe.decode(enc.indices, residual)}
             for k, v in recon.items():
