@@ -62,7 +62,7 @@ class QuickstartConfig:
 
 
 # Steps per tokenizer stage for the full run and for the CI variant.
-STAGE_STEPS: dict[str, tuple[int, int]] = {"warmup": (700, 12), "discrete": (300, 12), "alternate": (800, 12)}
+STAGE_STEPS: dict[str, tuple[int, int]] = {"warmup": (800, 12), "discrete": (400, 12), "alternate": (1000, 12)}
 STAGES = ("warmup", "discrete", "alternate")
 GENERATOR_STEPS = (1500, 12)
 CACHE_IMAGES = (12288, 64)  # full run, CI variant

@@ -19,8 +19,8 @@ from dcar.cli import configs_dir
 from dcar.config.loader import ConfigError, Preset, check_keys, load_config, schema_paths
 from dcar.config.schema import choice
 
-__all__ = ["DEFAULT_PROMPTS", "BenchmarkConfig", "base_prompts", "benchmark_preset", "load_benchmark_config", "model_configs",
-           "output_path", "prompt_list"]
+__all__ = ["DEFAULT_PROMPTS", "BenchmarkConfig", "base_prompts", "benchmark_preset", "load_benchmark_config",
+           "model_configs", "output_path", "prompt_list"]
 
 # Built-in prompts (short captions of everyday scenes and the shapes vocabulary); batches cycle through them.
 DEFAULT_PROMPTS = (

@@ -3,8 +3,9 @@
 One step is what ``GeneratorTrainer.train_step`` does after the frozen encoders: random token ids (B, h, w),
 residual tokens (B, D, h, w), text states (B, L, caption_dim) with random caption lengths and 10% null captions,
 masked-token cross-entropy + the residual diffusion loss, ``backward``, ``AdamW.step`` (dcar's parameter groups,
-the paper config's betas / weight decay) and ``zero_grad``. The first step runs under the FLOP counter (forward +
-backward; the optimizer's elementwise work is not counted) and doubles as a warm-up.
+the paper config's betas / weight decay) and ``zero_grad``. Every step reseeds the global RNG (restored
+afterwards), so all steps mask the same positions and cost the same FLOPs. The first step runs under the FLOP
+counter (forward + backward; the optimizer's elementwise work is not counted) and doubles as a warm-up.
 """
 
 from __future__ import annotations
@@ -55,6 +56,7 @@ def train_throughput(model: DCAR, batch: int, text_len: int, device: torch.devic
     inputs = random_batch(model, batch, text_len, device, seed)
 
     def step() -> None:
+        torch.manual_seed(seed)  # the same mask ratios, masks and noise in every step, so the same FLOPs
         with amp():
             out = step_module(*inputs)
         out["loss"].backward()
@@ -62,11 +64,15 @@ def train_throughput(model: DCAR, batch: int, text_len: int, device: torch.devic
         optimizer.zero_grad(set_to_none=True)
 
     reset_peak_memory(device)
+    # the step draws its mask ratios, masks and diffusion noise from the global RNG, which step() reseeds; the
+    # caller's RNG state is restored afterwards
+    rng_devices = [device] if device.type == "cuda" else []
     try:
-        with flop_counter() as counter:
-            step()
-        flops = int(counter.get_total_flops())
-        timing = time_calls(step, device, warmup, repeats)
+        with torch.random.fork_rng(devices=rng_devices):
+            with flop_counter() as counter:
+                step()
+            flops = int(counter.get_total_flops())
+            timing = time_calls(step, device, warmup, repeats)
     finally:
         model.eval()
         model.zero_grad(set_to_none=True)
