@@ -5,9 +5,11 @@ newest checkpoint through ``resume=auto``):
 
 1. ``tokenizer/warmup``, ``tokenizer/discrete``, ``tokenizer/alternate``: DC-HT's three stages on shapes
    (``configs/tokenizer/shapes.yaml``), each initialised from the previous stage's ``final/``;
-2. ``eval_tokenizer``: PSNR / SSIM of both decoding paths on held-out shapes images, codebook usage, and a
-   reconstruction grid;
-3. ``pretokenize``: train images encoded once by the final tokenizer (``dcar.data.token_cache``); ``generator``: DC-AR (hybrid: discrete tokens + diffusion head) on shapes captions
+2. ``eval_tokenizer``: PSNR / SSIM of both decoding paths on held-out shapes images, codebook usage, a
+   reconstruction grid, and ShapesEval of the reconstructions themselves (the ceiling of any generator decoding
+   through this tokenizer);
+3. ``pretokenize``: train images encoded once by the final tokenizer (``dcar.data.token_cache``);
+   ``generator``: DC-AR (hybrid: discrete tokens + diffusion head) on shapes captions
    (``configs/generator/shapes.yaml``) on top of the frozen tokenizer; writes ``generator/pipeline``;
 4. ``samples``: held-out captions (never seen in training) sampled with 12 MaskGIT steps and CFG: a captioned grid;
 5. ``shapes_eval_hybrid`` / ``shapes_eval_discrete_only``: ShapesEval on held-out captions with the diffusion head
@@ -123,6 +125,7 @@ class Quickstart:
 
     def eval_tokenizer(self) -> dict[str, Any]:
         from dcar.eval.reconstruction import evaluate_reconstruction
+        from dcar.eval.shapes_eval import score_reconstructions
         from dcar.models.tokenizer import DCHT
         from dcar.train.logging import save_image_grid
         tok = DCHT.from_pretrained(self.tokenizer_dir("alternate") / "final").eval()
@@ -130,7 +133,9 @@ class Quickstart:
         res = evaluate_reconstruction(tok, data, batch_size=32, return_images=8)
         grid = torch.cat([res["images"][k] for k in ("original", "continuous", "discrete")])
         save_image_grid(grid, self.out / "recon_grid.png", nrow=8)
+        ceiling = score_reconstructions(tok, self.heldout(16 if self.cfg.ci else 64))
         return {"tokenizer": {
+            "shapes_eval_recon": {path: {"shape": s["shape"], "full": s["full"]} for path, s in ceiling.items()},
             "psnr_continuous": res["continuous"]["psnr"], "psnr_discrete": res["discrete"]["psnr"],
             "ssim_continuous": res["continuous"]["ssim"], "ssim_discrete": res["discrete"]["ssim"],
             "codebook_usage": res["codebook"]["usage"], "codebook_perplexity": res["codebook"]["perplexity"],

@@ -18,6 +18,9 @@ def test_quickstart_ci_runs_every_phase_and_resumes(tmp_path):
     tok = metrics["tokenizer"]
     assert set(tok) >= {"psnr_continuous", "psnr_discrete", "ssim_continuous", "codebook_usage"}
     assert 5.0 < tok["psnr_discrete"] < 60.0 and 0.0 < tok["codebook_usage"] <= 1.0
+    ceiling = tok["shapes_eval_recon"]
+    assert set(ceiling) == {"continuous", "discrete"} and all(set(v) == {"shape", "full"} for v in ceiling.values())
+    assert all(v is None or 0.0 <= v <= 1.0 for s in ceiling.values() for v in s.values())
     assert set(metrics["wall_s"]) == {"tokenizer_warmup", "tokenizer_discrete", "tokenizer_alternate",
                                       "eval_tokenizer", "pretokenize", "generator", "samples", "shapes_eval_hybrid",
                                       "shapes_eval_discrete_only", "residual_gain", "total"}

@@ -177,3 +177,28 @@ def test_script(tiny_pipe, tmp_path, capsys):
     assert report["true_full_rate"] >= 0.99
     with pytest.raises(ConfigError, match="not a shapes caption"):
         mod["main"]([f"pipeline={tmp_path / 'pipe'}", "captions=a photo of a cat"])
+
+
+def test_score_reconstructions_of_a_perfect_and_a_blank_tokenizer():
+    from types import SimpleNamespace
+
+    from dcar.data.shapes import ShapesDataset
+    from dcar.eval.shapes_eval import score_reconstructions
+
+    class Identity(torch.nn.Module):  # "decodes" the image it encoded: the true ceiling is 1.0 everywhere
+        def __init__(self, blank_discrete: bool) -> None:
+            super().__init__()
+            self.w = torch.nn.Parameter(torch.zeros(1))
+            self.blank = blank_discrete
+
+        def encode(self, x):
+            return SimpleNamespace(z=x, zq=torch.ones_like(x) if self.blank else x)
+
+        def decode(self, latent):
+            return latent
+
+    data = ShapesDataset("heldout", 64, size=12, seed=0)
+    perfect = score_reconstructions(Identity(False), data, batch_size=5)
+    assert all(perfect[p][a] == 1.0 for p in ("continuous", "discrete") for a in ("color", "shape", "full"))
+    blank = score_reconstructions(Identity(True), data, batch_size=5)  # white images: nothing detected
+    assert blank["continuous"]["full"] == 1.0 and blank["discrete"]["full"] == 0.0 and blank["discrete"]["color"] == 0.0

@@ -180,3 +180,20 @@ def evaluate_shapes(pipe: Callable[..., Any] | None, captions_or_scenes: Sequenc
               f"wrote {out / RESULTS_NAME}")
     state.wait_for_everyone()
     return result
+
+
+@torch.no_grad()
+def score_reconstructions(tokenizer: Any, dataset: Any, batch_size: int = 32) -> dict[str, dict[str, float | None]]:
+    """ShapesEval of a DC-HT's reconstructions of shapes images against their own scenes, per decoding path
+    (``continuous``, ``discrete``): the ceiling of a generator that decodes through this tokenizer."""
+    flags: dict[str, list[dict[str, Any]]] = {"continuous": [], "discrete": []}
+    device = next(tokenizer.parameters()).device
+    for start in range(0, len(dataset), batch_size):
+        items = [dataset[i] for i in range(start, min(start + batch_size, len(dataset)))]
+        images = torch.stack([it["image"] for it in items]).to(device)
+        enc = tokenizer.encode(images)
+        for path, latent in (("continuous", enc.z), ("discrete", enc.zq)):
+            recon = tokenizer.decode(latent).float().clamp(-1, 1).cpu()
+            flags[path] += [score_shapes_image(r, Scene.from_dict(it["scene"])) for r, it in zip(recon, items,
+                                                                                                 strict=True)]
+    return {path: {a: _mean([f[a] for f in fs]) for a in ATTRIBUTES} for path, fs in flags.items()}
