@@ -88,9 +88,11 @@ def test_generator_training_from_cache_equals_from_images(tmp_path, tokenizer_di
     from dcar.train.generator import GeneratorTrainConfig, GeneratorTrainer
 
     cmd = [sys.executable, str(ROOT / "scripts" / "pretokenize.py"), f"tokenizer={tokenizer_dir}", "data=shapes",
-           "data.resolution=64", "data.shapes.size=64", "num_samples=64", "shard_size=32", "batch_size=16",
+           "data.resolution=64", "data.shapes.size=64", "num_samples=64", "shard_size=32", "batch_size=8",
            f"out={tmp_path / 'cache'}", "progress=false"]
-    subprocess.run(cmd, check=True, capture_output=True, text=True, env={**os.environ, "OMP_NUM_THREADS": "1"})
+    # same thread count and batch size as the in-loop encoder: float results of a conv can depend on both
+    threads = str(torch.get_num_threads())
+    subprocess.run(cmd, check=True, capture_output=True, text=True, env={**os.environ, "OMP_NUM_THREADS": threads})
     gen = [f"config={ROOT}/configs/generator/shapes.yaml", "data.resolution=64", "model.image_size=64",
            "model.pos_base_size=2", "model.num_layers=1", "model.width=32", "model.num_heads=2",
            "model.codebook_size=64", "model.head.width=16", "model.head.depth=1", "train.batch_size=8",
@@ -105,6 +107,10 @@ def test_generator_training_from_cache_equals_from_images(tmp_path, tokenizer_di
         GeneratorTrainer(cfg, accelerator=Accelerator(cpu=True), argv=["test"]).fit()
         weights[name] = load_file(str(tmp_path / name / "final" / "model.safetensors"))
     a, b = weights["images"], weights["cache"]
-    assert a.keys() == b.keys() and all(torch.allclose(a[k], b[k], atol=1e-5) for k in a)
+    assert a.keys() == b.keys()
+    scales = [json.loads((tmp_path / n / "final" / "config.json").read_text())["head"]["residual_scale"] for n in runs]
+    assert scales[0] == scales[1], scales
+    worst = max(((a[k] - b[k]).abs().max().item(), k) for k in a)
+    assert worst[0] < 1e-5, f"largest weight difference {worst}"
     bad = subprocess.run([*cmd[:2], f"tokenizer={tokenizer_dir}", "data.kind=tokens"], capture_output=True, text=True)
     assert bad.returncode == 2 and "already a token cache" in bad.stderr
