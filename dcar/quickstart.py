@@ -24,6 +24,7 @@ per training phase.
 
 from __future__ import annotations
 
+import functools
 import json
 import shlex
 import sys
@@ -142,7 +143,7 @@ class Quickstart:
             "num_images": res["num_images"],
         }}
 
-    @property
+    @functools.cached_property
     def data_config(self) -> Any:
         """The tokenizer config's ``data`` section: resolution and shapes layout shared by every phase."""
         from dcar.train.tokenizer import TokenizerTrainConfig

@@ -41,6 +41,7 @@ from dcar.data.shapes_scene import (
     ShapeObject,
     all_specs,
     caption_split,
+    check_grid,
     layout_params,
     layout_spec,
     parse_caption,
@@ -68,6 +69,7 @@ __all__ = [
     "ShapesDataset",
     "all_specs",
     "caption_split",
+    "check_grid",
     "layout_params",
     "layout_spec",
     "parse_caption",
@@ -158,8 +160,7 @@ class ShapesDataset(Dataset):
         self.seed = int(seed)
         self.max_objects = int(max_objects)
         self.grid = int(grid)
-        if self.grid and (self.grid < 16 or self.resolution % self.grid):
-            raise ValueError(f"grid must be 0 or >= 16 and divide the resolution {self.resolution}; got {grid}")
+        check_grid(self.grid, self.resolution)
         self.background = resolve_background(background)
         if min(np.linalg.norm(np.subtract(c, self.background)) for c in COLORS.values()) < 100:
             raise ValueError(f"background {self.background} is too close to a palette colour")

@@ -312,8 +312,7 @@ def layout_spec(rng: np.random.Generator, spec: SceneSpec, resolution: int, grid
     if not 16 <= r <= 4096:  # designed and tested for 64..512
         raise ValueError(f"resolution {resolution} out of range")
     if grid:
-        if grid < 16 or r % grid:
-            raise ValueError(f"grid must be >= 16 and divide the resolution; got grid={grid}, resolution={r}")
+        check_grid(grid, r)
         coarse = layout_spec(rng, spec, grid)
         cell = r // grid
         objects = tuple(ShapeObject(o.color, o.shape, _scale_box(o.box, cell)) for o in coarse.objects)
@@ -332,6 +331,13 @@ def layout_spec(rng: np.random.Generator, spec: SceneSpec, resolution: int, grid
         items = [spec.items[0]] * spec.count
     objects = tuple(ShapeObject(c, sh, b) for (c, sh), b in zip(items, boxes, strict=True))
     return Scene(objects=objects, caption=spec.caption, kind=spec.kind, relation=spec.relation, resolution=r)
+
+
+def check_grid(grid: int, resolution: int) -> None:
+    """``ValueError`` unless ``grid`` is 0 (free layout) or at least 16 cells dividing ``resolution``."""
+    if grid and (grid < 16 or resolution % grid):
+        raise ValueError(f"grid must be 0 or >= 16 and divide the resolution; got grid={grid}, "
+                         f"resolution={resolution}")
 
 
 def _scale_box(box: tuple[int, int, int, int], cell: int) -> tuple[int, int, int, int]:

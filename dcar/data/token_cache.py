@@ -25,7 +25,7 @@ from torch.utils.data import DataLoader, Dataset
 
 from dcar.data.collate import collate
 
-__all__ = ["CACHE_META", "TokenCacheDataset", "write_token_cache"]
+__all__ = ["CACHE_META", "TokenCacheDataset", "read_cache_meta", "write_token_cache"]
 
 CACHE_META = "cache.json"
 _DTYPES = {"float32": torch.float32, "float16": torch.float16, "bfloat16": torch.bfloat16}
@@ -119,6 +119,15 @@ def write_token_cache(
     return out
 
 
+def read_cache_meta(path: str | os.PathLike) -> dict[str, Any]:
+    """``cache.json`` of a complete token cache (``FileNotFoundError`` with the remedy if it is missing)."""
+    meta_path = Path(path) / CACHE_META
+    if not meta_path.is_file():
+        raise FileNotFoundError(f"{path} is not a complete token cache (no {CACHE_META}); run "
+                                "scripts/pretokenize.py (it resumes an interrupted cache)")
+    return json.loads(meta_path.read_text())
+
+
 class TokenCacheDataset(Dataset):
     """Map-style reader of a :func:`write_token_cache` folder: items ``{"indices", "residual", "caption",
     "index"}`` plus ``"text_states"``/``"text_mask"`` when the cache has text features. Loads every shard into
@@ -126,16 +135,12 @@ class TokenCacheDataset(Dataset):
 
     def __init__(self, path: str | os.PathLike) -> None:
         root = Path(path)
-        meta_path = root / CACHE_META
-        if not meta_path.is_file():
-            raise FileNotFoundError(f"{root} is not a complete token cache (no {CACHE_META}); run "
-                                    "scripts/pretokenize.py (it resumes an interrupted cache)")
-        self.meta = json.loads(meta_path.read_text())
+        self.meta = read_cache_meta(root)
         tensors: dict[str, list[Tensor]] = {}
         self.captions: list[str] = []
         for shard in self.meta["shards"]:
             with safe_open(str(root / f"{shard['name']}.safetensors"), framework="pt") as f:
-                for key in f.keys():
+                for key in f.keys():  # noqa: SIM118 (safe_open is not iterable)
                     if key != "skipped":
                         tensors.setdefault(key, []).append(f.get_tensor(key))
             self.captions += json.loads((root / f"{shard['name']}.json").read_text())

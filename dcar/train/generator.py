@@ -88,8 +88,12 @@ def word_vocabulary_captions(cfg: GeneratorTrainConfig) -> list[str]:
 def _is_shapes_data(cfg: GeneratorTrainConfig) -> bool:
     """Shapes data, read directly or through a token cache made from it (``cache.json``'s ``source.data``)."""
     if cfg.data.kind == "tokens" and cfg.data.path:
-        meta = Path(cfg.data.path) / "cache.json"
-        return meta.is_file() and json.loads(meta.read_text()).get("source", {}).get("data") == "shapes"
+        from dcar.data.token_cache import read_cache_meta
+
+        try:
+            return read_cache_meta(cfg.data.path).get("source", {}).get("data") == "shapes"
+        except FileNotFoundError:
+            return False
     return cfg.data.kind == "shapes"
 
 
