@@ -60,11 +60,14 @@ class GenEvalConfig:
     max_objects: int = 16
     max_overlap: float = 1.0
     position_threshold: float = 0.1
+    device: str = "auto"  # auto (the process's GPU under accelerate, else CPU), cpu or e.g. cuda:0
+    progress: bool = True
 
 
 def main(argv: Sequence[str]) -> dict[str, Any]:
-    from dcar.eval.geneval import GenEvalRules, load_metadata, process_state, run_geneval
+    from dcar.eval.geneval import GenEvalRules, load_metadata, run_geneval
     from dcar.eval.geneval_detector import backend_available, load_backend
+    from dcar.eval.runner import dist_context
 
     cfg = load_config(GenEvalConfig, argv)
     if not cfg.metadata or not Path(cfg.metadata).is_file():
@@ -75,7 +78,7 @@ def main(argv: Sequence[str]) -> dict[str, Any]:
         load_metadata(cfg.metadata)
     except ValueError as err:
         raise ConfigError(str(err)) from None
-    state = process_state()
+    ctx = dist_context(cfg.device)
     detector = colors = None
     if cfg.detector:
         ok, why = backend_available(cfg.detector)
@@ -84,7 +87,7 @@ def main(argv: Sequence[str]) -> dict[str, Any]:
         try:
             detector, colors = load_backend(cfg.detector, detector_config=cfg.detector_config,
                                             detector_checkpoint=cfg.detector_checkpoint, clip_model=cfg.clip_model,
-                                            clip_pretrained=cfg.clip_pretrained, device=str(state.device))
+                                            clip_pretrained=cfg.clip_pretrained, device=str(ctx.device))
         except (ValueError, FileNotFoundError) as err:
             raise ConfigError(f"detector={cfg.detector}: {err}") from None
     pipe = None
@@ -92,15 +95,16 @@ def main(argv: Sequence[str]) -> dict[str, Any]:
     if cfg.pipeline:
         from dcar.pipeline import DEFAULT_GUIDANCE_SCALE, DCARPipeline
 
-        pipe = DCARPipeline.from_pretrained(cfg.pipeline, device=state.device)
+        pipe = DCARPipeline.from_pretrained(cfg.pipeline, device=ctx.device)
         kwargs["guidance_scale"] = DEFAULT_GUIDANCE_SCALE if cfg.guidance_scale is None else cfg.guidance_scale
     rules = GenEvalRules(threshold=cfg.threshold, counting_threshold=cfg.counting_threshold,
                          max_objects=cfg.max_objects, max_overlap=cfg.max_overlap,
                          position_threshold=cfg.position_threshold)
     result = run_geneval(pipe, cfg.metadata, cfg.out, n_per_prompt=cfg.n_per_prompt, seed=cfg.seed,
                          pipe_kwargs=kwargs, detector=detector, color_classifier=colors, rules=rules,
-                         backend=cfg.detector, pipeline_path=cfg.pipeline, grid=cfg.grid, state=state)
-    if state.is_main_process:
+                         backend=cfg.detector, pipeline_path=cfg.pipeline, grid=cfg.grid, ctx=ctx,
+                         progress=cfg.progress)
+    if ctx.is_main:
         if result["scores"] is None:
             print(result["message"])
         else:

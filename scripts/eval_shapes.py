@@ -43,11 +43,13 @@ class ShapesEvalConfig:
     max_failures: int = 64
     validate: bool = False  # only check the scorer on ground-truth renders
     validate_images: int = 500
+    device: str = "auto"  # auto (the process's GPU under accelerate, else CPU), cpu or e.g. cuda:0
+    progress: bool = True
 
 
 def main(argv: Sequence[str]) -> dict[str, Any]:
     from dcar.data.shapes import parse_caption
-    from dcar.eval.geneval import process_state
+    from dcar.eval.runner import dist_context
     from dcar.eval.shapes_eval import evaluate_shapes, heldout_captions, validate_scorer
 
     cfg = load_config(ShapesEvalConfig, argv)
@@ -69,16 +71,16 @@ def main(argv: Sequence[str]) -> dict[str, Any]:
                   f"num_captions={cfg.num_captions or 'all'}, subset seed={cfg.seed})")
     if not captions:
         raise ConfigError("no captions to evaluate")
-    state = process_state()
+    ctx = dist_context(cfg.device)
     pipe = None
     if cfg.pipeline:
         from dcar.pipeline import DCARPipeline
 
-        pipe = DCARPipeline.from_pretrained(cfg.pipeline, device=state.device)
+        pipe = DCARPipeline.from_pretrained(cfg.pipeline, device=ctx.device)
     return evaluate_shapes(pipe, captions, cfg.out, n_per_caption=cfg.n_per_caption, seed=cfg.seed,
                            batch_size=cfg.batch_size, num_steps=cfg.num_steps, guidance_scale=cfg.guidance_scale,
                            use_head=cfg.use_head, max_failures=cfg.max_failures, pipeline_path=cfg.pipeline,
-                           source=source, state=state)
+                           source=source, ctx=ctx, progress=cfg.progress)
 
 
 if __name__ == "__main__":

@@ -5,13 +5,14 @@ Definitions (EVAL_PROTOCOLS.md):
 * PSNR: :func:`dcar.eval.reconstruction.psnr_per_image` (uint8 RGB, data range 255, mean of per-image values;
   section 3.1 item 6, DC-AE evaluator ``efficientvit/apps/metrics/psnr``).
 * SSIM: torchmetrics ``structural_similarity_index_measure(data_range=255)`` with defaults (Gaussian 11 x 11,
-  sigma 1.5, k1 0.01, k2 0.03) on uint8-valued RGB, per image; the mean over images equals torchmetrics'
-  ``StructuralSimilarityIndexMeasure`` and :func:`dcar.eval.reconstruction.ssim_uint8` (section 3.1 item 7).
+  sigma 1.5, k1 0.01, k2 0.03) on uint8-valued RGB, per image (section 3.1 item 7):
+  :func:`dcar.eval.reconstruction.ssim_per_image`, re-exported here; its mean over images equals torchmetrics'
+  ``StructuralSimilarityIndexMeasure``.
 * LPIPS: torchmetrics ``LearnedPerceptualImagePatchSimilarity(net_type="alex", normalize=True)`` on ``u8 / 255``,
   per image, averaged (section 3.1 item 8). Its AlexNet backbone comes from torchvision (file
   :data:`ALEXNET_WEIGHTS_FILE` in the torch hub cache); :func:`build_lpips` never downloads it.
-* Codebook usage / perplexity: as :func:`dcar.eval.reconstruction.evaluate_reconstruction` (fraction of codes used,
-  ``exp(H(p))`` of the code histogram).
+* Codebook usage / perplexity: :func:`dcar.eval.reconstruction.codebook_stats`, re-exported here (fraction of codes
+  used, ``exp(H(p))`` of the code histogram).
 * CLIP score (section 2.3, Sana ``tools/metrics/clip-score``): ``logit_scale.exp() * cos(image, prompt)`` per image
   (100 x cosine for OpenAI CLIP), not clipped at 0, averaged; text truncated to the model's 77 tokens; here with a
   ``transformers`` ``CLIPModel`` loaded from a local folder (Sana uses the ``clip`` package's ViT-L/14, the same
@@ -22,7 +23,6 @@ Definitions (EVAL_PROTOCOLS.md):
 from __future__ import annotations
 
 import logging
-import math
 import os
 from collections.abc import Iterable, Sequence
 from pathlib import Path
@@ -33,6 +33,7 @@ import torch
 from torch import Tensor
 
 from dcar.eval.fid import hub_checkpoint
+from dcar.eval.reconstruction import codebook_stats, ssim_per_image
 
 logger = logging.getLogger(__name__)
 
@@ -91,32 +92,6 @@ def build_lpips(mode: str = "auto", device: torch.device | str = "cpu") -> tuple
         logger.warning("skipping LPIPS: %s; the results will have \"lpips\": null", msg)
         return None, f"skipped: {msg}"
     return LpipsScorer(device), "computed: torchmetrics LPIPS (alex, normalize=True)"
-
-
-def ssim_per_image(a: Tensor, b: Tensor) -> Tensor:
-    """Per-image SSIM (B,) of uint8-valued RGB batches (uint8 or float 0..255), torchmetrics, data range 255."""
-    from torchmetrics.functional.image import structural_similarity_index_measure
-
-    x, y = a.float(), b.float()
-    if x.ndim == 3:
-        x, y = x[None], y[None]
-    out = structural_similarity_index_measure(x, y, data_range=255.0, reduction="none")
-    return out.reshape(-1).float().cpu()
-
-
-def codebook_stats(counts: np.ndarray) -> dict[str, Any]:
-    """Usage of a codebook from its code histogram: fraction used, perplexity ``exp(H(p))``, counts."""
-    counts = np.asarray(counts, dtype=np.int64)
-    total = int(counts.sum())
-    p = counts / max(total, 1)
-    nz = p[p > 0]
-    return {
-        "usage": float((counts > 0).mean()) if counts.size else 0.0,
-        "perplexity": math.exp(float(-(nz * np.log(nz)).sum())) if total else 0.0,
-        "codes_used": int((counts > 0).sum()),
-        "codebook_size": int(counts.size),
-        "num_tokens": total,
-    }
 
 
 class ClipScorer:

@@ -34,6 +34,7 @@ import torch
 from PIL import Image
 from torch import Tensor
 
+from dcar.eval import generate as G
 from dcar.eval import runner as R
 from dcar.eval.fid import FeatureStats
 
@@ -148,38 +149,21 @@ def image_arrays(paths: Sequence[Path], resolution: int, extractor: Any, *, jpeg
 def generate_missing(load_pipeline: Callable[[], Any], items: Sequence[MJHQItem], count: int,
                      samples: str | os.PathLike, ctx: R.DistContext, *, batch_size: int, num_steps: int,
                      guidance_scale: float, seed: int, resolution: int, progress: bool = True) -> int:
-    """Make sure the PNGs of the first ``count`` items exist (this process's batches); returns how many were written.
+    """Make sure the PNGs of the first ``count`` items exist; returns how many were written (all processes).
 
     Batches are fixed over the whole prompt list (batch ``b`` = items ``b * batch_size ...``, sampled with seed
     ``seed + b``), so an image does not depend on ``count``, the number of processes or an interruption. A batch
     whose PNGs (below ``count``) all exist is skipped; the pipeline is loaded only if some batch is incomplete.
-    PNGs are written atomically and existing ones are never rewritten. Waits for all processes at the end.
+    PNGs are written atomically and existing ones are never rewritten (:func:`dcar.eval.generate.generate_missing`).
+    Waits for all processes at the end.
     """
-    from tqdm.auto import tqdm
-
-    from dcar.train.logging import to_uint8
-
     batches = R.chunk_ranges(len(items), batch_size)[: -(-count // batch_size)]
-    todo = [b for b in R.my_share(len(batches), ctx)
-            if any(not sample_path(samples, items[i].key).is_file() for i in batches[b] if i < count)]
-    written = 0
-    pipe = load_pipeline() if todo else None
-    with tqdm(total=sum(len(batches[b]) for b in todo), desc="mjhq samples", unit="img",
-              disable=not (progress and ctx.is_main)) as bar:
-        for b in todo:
-            chunk = [items[i] for i in batches[b]]
-            images = pipe([it.prompt for it in chunk], num_steps, guidance_scale, seed=seed + b,
-                          height=resolution, width=resolution)
-            for it, pixels in zip(chunk, to_uint8(images).numpy(), strict=True):
-                path = sample_path(samples, it.key)
-                if not path.is_file():
-                    buf = io.BytesIO()
-                    Image.fromarray(pixels).save(buf, format="PNG")
-                    R.atomic_write_bytes(path, buf.getvalue())
-                    written += 1
-            bar.update(len(chunk))
-    ctx.barrier()
-    return written
+    jobs = [G.GenJob(tuple(items[i].prompt for i in batch), tuple(sample_path(samples, items[i].key) for i in batch),
+                   seed + b, required=sum(i < count for i in batch)) for b, batch in enumerate(batches)]
+    kwargs = {"num_steps": num_steps, "guidance_scale": guidance_scale, "height": resolution, "width": resolution}
+    counts = G.generate_missing(None, jobs, kwargs, ctx, load_pipeline=load_pipeline, desc="mjhq samples",
+                                progress=progress)
+    return counts["generated"]
 
 
 def reference_stats(ctx: R.DistContext, items: Sequence[MJHQItem], images: str | os.PathLike, resolution: int,

@@ -10,8 +10,11 @@ Definitions (those of DC-AE's evaluator):
   is capped at :data:`PSNR_CAP_DB` = 100 dB instead, which keeps means finite. (The smallest non-zero MSE of an
   H x W RGB pair, one level in one channel of one pixel, gives ``10 * log10(255^2 * 3HW)``: ~89 dB at 64 px,
   ~101 dB at 256 px, so below ~230 px the cap only replaces exact matches.)
-* **SSIM** is torchmetrics' ``StructuralSimilarityIndexMeasure(data_range=255)`` (11 x 11 Gaussian window,
-  sigma 1.5) on the uint8-valued images as float RGB, averaged over images.
+* **SSIM** is torchmetrics' ``structural_similarity_index_measure(data_range=255)`` (11 x 11 Gaussian window,
+  sigma 1.5) per image on the uint8-valued images as float RGB (:func:`ssim_per_image`), averaged over images
+  (the value of torchmetrics' ``StructuralSimilarityIndexMeasure``);
+* **codebook usage** (:func:`codebook_stats`): fraction of the codes used and perplexity ``exp(H(p))`` of the
+  histogram of every token seen.
 
 :func:`evaluate_reconstruction` runs a tokenizer in eval mode over a dataset or an iterable of images and reports,
 for the continuous path (``decode(z)``) and the discrete path (``decode(zq)``), mean PSNR / SSIM and per-image
@@ -24,6 +27,7 @@ import math
 from collections.abc import Iterable, Iterator
 from typing import Any
 
+import numpy as np
 import torch
 from torch import Tensor
 
@@ -72,18 +76,36 @@ def psnr_uint8(a: Tensor, b: Tensor, cap_db: float = PSNR_CAP_DB) -> float:
     return float(psnr_per_image(a, b, cap_db).mean())
 
 
-def _ssim_metric(device: torch.device | str = "cpu"):
-    from torchmetrics.image import StructuralSimilarityIndexMeasure
+def ssim_per_image(a: Tensor, b: Tensor) -> Tensor:
+    """Per-image SSIM (B,) of uint8-valued RGB batches (uint8 or float 0..255), torchmetrics, data range 255."""
+    from torchmetrics.functional.image import structural_similarity_index_measure
 
-    return StructuralSimilarityIndexMeasure(data_range=255.0).to(device)
+    x, y = a.float(), b.float()
+    if x.ndim == 3:
+        x, y = x[None], y[None]
+    out = structural_similarity_index_measure(x, y, data_range=255.0, reduction="none")
+    return out.reshape(-1).float().cpu()
 
 
 def ssim_uint8(a: Tensor, b: Tensor) -> float:
-    """Mean SSIM (torchmetrics, data range 255) of two image batches, each uint8 or float in [-1, 1]."""
-    x, y = _as_batch(quantize_uint8(a)), _as_batch(quantize_uint8(b))
-    metric = _ssim_metric(x.device)
-    metric.update(x, y)
-    return float(metric.compute())
+    """Mean over images of the per-image SSIM (:func:`ssim_per_image`) of two image batches, each uint8 or float in
+    [-1, 1]; equals torchmetrics' ``StructuralSimilarityIndexMeasure(data_range=255)``."""
+    return float(ssim_per_image(_as_batch(quantize_uint8(a)), _as_batch(quantize_uint8(b))).double().mean())
+
+
+def codebook_stats(counts: np.ndarray) -> dict[str, Any]:
+    """Usage of a codebook from its code histogram: fraction used, perplexity ``exp(H(p))``, counts."""
+    counts = np.asarray(counts, dtype=np.int64)
+    total = int(counts.sum())
+    p = counts / max(total, 1)
+    nz = p[p > 0]
+    return {
+        "usage": float((counts > 0).mean()) if counts.size else 0.0,
+        "perplexity": math.exp(float(-(nz * np.log(nz)).sum())) if total else 0.0,
+        "codes_used": int((counts > 0).sum()),
+        "codebook_size": int(counts.size),
+        "num_tokens": total,
+    }
 
 
 def _image_of(item: Any) -> Tensor | None:
@@ -160,8 +182,8 @@ def evaluate_reconstruction(
     tokenizer.eval()
     codebook_size = int(tokenizer.quantizer.codebook_size)
     counts = torch.zeros(codebook_size, dtype=torch.long)
-    ssim = {p: _ssim_metric(device) for p in PATHS}
     psnrs: dict[str, list[float]] = {p: [] for p in PATHS}
+    ssims: dict[str, list[float]] = {p: [] for p in PATHS}
     kept: dict[str, list[Tensor]] = {"original": [], **{p: [] for p in PATHS}}
     n_kept = 0
     try:
@@ -174,7 +196,7 @@ def evaluate_reconstruction(
             for p in PATHS:
                 rec = quantize_uint8(recon[p])  # clamps to [0, 255] after the PNG mapping
                 psnrs[p].extend(psnr_per_image(ref.to(torch.uint8), rec.to(torch.uint8)).tolist())
-                ssim[p].update(rec, ref)
+                ssims[p].extend(ssim_per_image(rec, ref).tolist())
             if n_kept < return_images:
                 take = min(return_images - n_kept, x.shape[0])
                 kept["original"].append(x[:take].float().cpu())
@@ -189,18 +211,9 @@ def evaluate_reconstruction(
         raise ValueError("evaluate_reconstruction: no images")
     result: dict[str, Any] = {"num_images": n}
     for p in PATHS:
-        result[p] = {"psnr": sum(psnrs[p]) / n, "ssim": float(ssim[p].compute()), "psnr_per_image": psnrs[p]}
+        result[p] = {"psnr": sum(psnrs[p]) / n, "ssim": sum(ssims[p]) / n, "psnr_per_image": psnrs[p]}
     result["psnr_gap_db"] = result["continuous"]["psnr"] - result["discrete"]["psnr"]
-    total = int(counts.sum())
-    prob = counts.double() / max(total, 1)
-    entropy = float(-torch.special.xlogy(prob, prob).sum())
-    result["codebook"] = {
-        "usage": float((counts > 0).double().mean()),
-        "perplexity": math.exp(entropy),
-        "codes_used": int((counts > 0).sum()),
-        "codebook_size": codebook_size,
-        "num_tokens": total,
-    }
+    result["codebook"] = codebook_stats(counts.numpy())
     if return_images > 0:
         result["images"] = {k: torch.cat(v) for k, v in kept.items()}
     return result
@@ -209,10 +222,12 @@ def evaluate_reconstruction(
 __all__ = [
     "PATHS",
     "PSNR_CAP_DB",
+    "codebook_stats",
     "evaluate_reconstruction",
     "iter_image_batches",
     "psnr_per_image",
     "psnr_uint8",
     "quantize_uint8",
+    "ssim_per_image",
     "ssim_uint8",
 ]

@@ -1,5 +1,11 @@
 """Plumbing shared by the evaluation commands: process sharding, resumable per-chunk results, atomic files.
 
+The evaluations (rFID, MJHQ, GenEval, ShapesEval) share one version of each helper: the process context
+(:func:`dist_context`: rank, world size, device, barriers, :meth:`DistContext.gather`), the round-robin share of a
+process (:func:`my_share`, :func:`map_share`), files written atomically (:func:`atomic_write_bytes` and the JSON /
+``.npz`` / image variants: a temporary file in the same folder, then ``os.replace``), the settings guard of a
+resumable output folder (:func:`check_settings`) and file hashes (:func:`sha256_file`, :func:`fingerprint`).
+
 An evaluation splits its N items into fixed **chunks** (``chunk_size`` items each, independent of the number of
 processes). Under ``accelerate launch`` / ``torchrun`` every process takes a disjoint set of chunks (chunk ``c``
 goes to process ``c % world``); each finished chunk is saved atomically as ``<work_dir>/part-<c>.npz``. A rerun
@@ -21,14 +27,17 @@ import json
 import os
 import platform
 import tempfile
-from collections.abc import Callable, Iterator, Sequence
+from collections.abc import Callable, Iterator, Mapping, Sequence
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 import numpy as np
 
 from dcar.config.loader import ConfigError
+
+if TYPE_CHECKING:
+    from PIL import Image
 
 
 def atomic_write_bytes(path: str | os.PathLike, data: bytes) -> Path:
@@ -59,6 +68,14 @@ def atomic_savez(path: str | os.PathLike, **arrays: Any) -> Path:
     return atomic_write_bytes(path, buf.getvalue())
 
 
+def atomic_save_image(image: Image.Image, path: str | os.PathLike, format: str = "PNG", **options: Any) -> Path:
+    """A PIL image encoded in memory (``format``, PIL save ``options``) and written atomically: an interrupted run
+    never leaves a partial image that a rerun would take as done."""
+    buf = io.BytesIO()
+    image.save(buf, format=format, **options)
+    return atomic_write_bytes(path, buf.getvalue())
+
+
 def load_npz(path: str | os.PathLike) -> dict[str, np.ndarray] | None:
     """All arrays of an ``.npz`` file, or None when it is missing or unreadable (e.g. cut short)."""
     try:
@@ -85,6 +102,15 @@ def fingerprint(path: str | os.PathLike) -> str:
         else:
             h.update(str(p.stat().st_size).encode())
     return h.hexdigest()[:16]
+
+
+def sha256_file(path: str | os.PathLike) -> str:
+    """Hex SHA-256 of a file's bytes (e.g. the exact prompt metadata an evaluation used)."""
+    h = hashlib.sha256()
+    with open(path, "rb") as f:
+        for block in iter(lambda: f.read(1 << 20), b""):
+            h.update(block)
+    return h.hexdigest()
 
 
 def environment() -> dict[str, Any]:
@@ -119,6 +145,15 @@ class DistContext:
         if self.state is not None and self.world > 1:
             self.state.wait_for_everyone()
 
+    def gather(self, items: Sequence[Any]) -> list[Any]:
+        """The concatenation, in rank order, of every process's ``items`` (picklable objects), on every process.
+        A single process (or a context without an accelerate state) gets its own items back."""
+        if self.state is None or self.world == 1:
+            return list(items)
+        from accelerate.utils import gather_object
+
+        return list(gather_object(list(items)))
+
     @contextlib.contextmanager
     def main_first(self) -> Iterator[None]:
         """Run the body on the main process first (downloads, cache files), then on the others."""
@@ -130,12 +165,16 @@ class DistContext:
 
 
 def dist_context(device: str = "auto") -> DistContext:
-    """The process context from accelerate's ``PartialState`` (``device``: ``auto``, ``cpu`` or e.g. ``cuda:0``)."""
+    """The process context from accelerate's ``PartialState`` (``device``: ``auto``, ``cpu`` or e.g. ``cuda:0``).
+
+    ``auto`` is the GPU of the process under ``accelerate launch`` / ``torchrun``, or gloo CPU processes when CUDA is
+    absent or ``ACCELERATE_USE_CPU`` is set (``accelerate launch --cpu``)."""
     import torch
     from accelerate import PartialState
 
     # accelerate ignores a CPU-only torchrun/accelerate launch unless cpu=True, so "auto" without CUDA means cpu
-    cpu = device == "cpu" or (device == "auto" and not torch.cuda.is_available())
+    use_cpu = os.environ.get("ACCELERATE_USE_CPU", "").lower() in ("1", "true", "yes")
+    cpu = device == "cpu" or (device == "auto" and (use_cpu or not torch.cuda.is_available()))
     state = PartialState(cpu=cpu)
     dev = state.device if device in ("auto", "cpu") else torch.device(device)
     if state.num_processes > 1 and device not in ("auto", "cpu"):
@@ -155,21 +194,40 @@ def my_share(num: int, ctx: DistContext) -> list[int]:
     return list(range(ctx.rank, num, ctx.world))
 
 
+def map_share(ctx: DistContext, items: Sequence[Any], fn: Callable[[Any], Any], desc: str = "eval",
+              progress: bool = True) -> list[Any]:
+    """``fn`` over this process's share of ``items`` (:func:`my_share`), gathered from every process (rank order,
+    not item order: sort the result); progress (tqdm, main process) counts items."""
+    from tqdm.auto import tqdm
+
+    mine = [items[i] for i in my_share(len(items), ctx)]
+    return ctx.gather([fn(x) for x in tqdm(mine, desc=desc, unit="img", disable=not (progress and ctx.is_main))])
+
+
+def check_settings(ctx: DistContext, path: str | os.PathLike, settings: Mapping[str, Any],
+                   holds: str = "partial results") -> dict[str, Any]:
+    """Guard of a resumable output folder: the main process records ``settings`` at ``path`` (JSON, atomically)
+    unless an earlier run did; then every process checks that the recorded settings are the same and raises
+    :class:`ConfigError` naming the keys that differ (so results of two setups are never mixed)."""
+    path = Path(path)
+    settings = json.loads(json.dumps(dict(settings)))  # normalise (tuples -> lists) for the comparison
+    if ctx.is_main and not path.is_file():
+        atomic_write_json(path, settings)
+    ctx.barrier()
+    saved = json.loads(path.read_text())
+    if saved != settings:
+        diff = sorted(k for k in set(saved) | set(settings) if saved.get(k) != settings.get(k))
+        raise ConfigError(f"{path.parent} holds {holds} computed with different settings ({', '.join(diff)}); "
+                          f"use another output location or delete {path.parent}")
+    return settings
+
+
 def prepare_work_dir(ctx: DistContext, work_dir: str | os.PathLike, meta: dict[str, Any]) -> Path:
     """Create ``work_dir`` and its ``meta.json``; raise :class:`ConfigError` if it holds results of another setup."""
     work = Path(work_dir)
-    path = work / "meta.json"
-    meta = json.loads(json.dumps(meta))  # normalise (tuples -> lists) for the comparison
     if ctx.is_main:
         work.mkdir(parents=True, exist_ok=True)
-        if not path.is_file():
-            atomic_write_json(path, meta)
-    ctx.barrier()
-    saved = json.loads(path.read_text())
-    if saved != meta:
-        diff = sorted(k for k in set(saved) | set(meta) if saved.get(k) != meta.get(k))
-        raise ConfigError(f"{work} holds partial results computed with different settings ({', '.join(diff)}); "
-                          f"use another output location or delete {work}")
+    check_settings(ctx, work / "meta.json", meta)
     return work
 
 
@@ -249,7 +307,7 @@ class IndexedImages:
 
 
 __all__ = [
-    "DistContext", "IndexedImages", "atomic_savez", "atomic_write_bytes", "atomic_write_json", "chunk_ranges", "concat",
-    "dist_context", "environment", "fingerprint", "load_npz", "load_parts", "my_share", "part_path",
-    "prepare_work_dir", "run_chunks", "valid_part",
+    "DistContext", "IndexedImages", "atomic_save_image", "atomic_savez", "atomic_write_bytes", "atomic_write_json",
+    "check_settings", "chunk_ranges", "concat", "dist_context", "environment", "fingerprint", "load_npz", "load_parts",
+    "map_share", "my_share", "part_path", "prepare_work_dir", "run_chunks", "sha256_file", "valid_part",
 ]

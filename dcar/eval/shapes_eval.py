@@ -13,8 +13,9 @@ give a full-caption rate >= 0.99 for their captions and <= 0.05 for shuffled cap
 Layout of ``out_dir`` (:func:`evaluate_shapes`): ``images/<caption index:05d>_<sample:02d>.png``, ``generation.json``
 (settings; a resumed run must use the same), ``per_image.jsonl``, ``failures.png`` (captioned grid of failed images,
 with the failed attributes in brackets) and ``shapes_eval.json``. Images are generated in fixed batches of
-``batch_size`` images (batch ``b`` sampled with ``seed + b``), sharded over accelerate processes; PNGs already on
-disk are reused, so an interrupted run resumes with identical results.
+``batch_size`` images (batch ``b`` sampled with ``seed + b``, :mod:`dcar.eval.generate`), generated and scored
+round robin over accelerate processes (:mod:`dcar.eval.runner`); PNGs already on disk are reused, so an interrupted
+run resumes with identical results.
 """
 
 from __future__ import annotations
@@ -30,7 +31,8 @@ import torch
 from PIL import Image
 
 from dcar.data.shapes import Scene, ShapesDataset, layout_spec, parse_caption
-from dcar.eval.geneval import GenJob, check_manifest, generate_missing, process_state, shard
+from dcar.eval import runner as R
+from dcar.eval.generate import GenJob, generate_missing
 from dcar.eval.shapes_detector import detect_objects, score_scene
 
 __all__ = ["ATTRIBUTES", "aggregate", "evaluate_shapes", "heldout_captions", "scene_for", "score_shapes_image",
@@ -111,20 +113,18 @@ def evaluate_shapes(pipe: Callable[..., Any] | None, captions_or_scenes: Sequenc
                     out_dir: str | os.PathLike, *, n_per_caption: int = 1, seed: int = 0, batch_size: int = 16,
                     num_steps: int = 12, guidance_scale: float | None = None, use_head: bool = True,
                     pipe_kwargs: Mapping[str, Any] | None = None, max_failures: int = 64, pipeline_path: str = "",
-                    source: str = "given", state: Any = None, progress: bool = True) -> dict[str, Any]:
+                    source: str = "given", ctx: R.DistContext | None = None, progress: bool = True) -> dict[str, Any]:
     """Generate (or reuse) ``n_per_caption`` images per caption, score them, write the grid of failures and
     ``<out_dir>/shapes_eval.json``; returns that dict. ``guidance_scale=None``: the pipeline's default
     (recorded).
     ``use_head=False`` samples discrete tokens only (hybrid-vs-discrete ablation). ``pipe=None``: score existing images."""
-    from accelerate.utils import gather_object
-    from tqdm import tqdm
-
     from dcar import __version__
     from dcar.train.logging import save_image_grid
 
     if n_per_caption < 1 or batch_size < 1:
         raise ValueError("n_per_caption and batch_size must be >= 1")
-    state = process_state(state)
+    if ctx is None:
+        ctx = R.dist_context()
     out = Path(out_dir)
     scenes = [scene_for(c) for c in captions_or_scenes]
     if not scenes:
@@ -133,25 +133,24 @@ def evaluate_shapes(pipe: Callable[..., Any] | None, captions_or_scenes: Sequenc
     if guidance_scale is None:
         from dcar.pipeline import DEFAULT_GUIDANCE_SCALE as guidance_scale
     kwargs["guidance_scale"] = float(guidance_scale)
-    if state.is_main_process and pipe is not None:
-        check_manifest(out / "generation.json", {
+    if pipe is not None:
+        R.check_settings(ctx, out / "generation.json", {
             "pipeline": pipeline_path, "n_per_caption": n_per_caption, "seed": seed, "batch_size": batch_size,
-            "sampler": kwargs, "captions": [s.caption for s in scenes]})
-    state.wait_for_everyone()
+            "sampler": kwargs, "captions": [s.caption for s in scenes]}, holds="images")
     items = [(i, k) for i in range(len(scenes)) for k in range(n_per_caption)]
     path = {(i, k): out / "images" / f"{i:05d}_{k:02d}.png" for i, k in items}
     jobs = [GenJob(tuple(scenes[i].caption for i, _ in chunk), tuple(path[ik] for ik in chunk), seed + b)
             for b, chunk in enumerate(items[s : s + batch_size] for s in range(0, len(items), batch_size))]
-    counts = generate_missing(pipe, jobs, kwargs, state, desc="shapes sampling", progress=progress)
+    counts = generate_missing(pipe, jobs, kwargs, ctx, desc="shapes sampling", progress=progress)
 
-    mine = shard(items, state.process_index, state.num_processes)
-    records = []
-    for i, k in tqdm(mine, desc="scoring", unit="img", disable=not (progress and state.is_local_main_process)):
+    def score(item: tuple[int, int]) -> dict[str, Any]:
+        i, k = item
         with Image.open(path[i, k]) as im:
             scored = score_shapes_image(im.convert("RGB"), scenes[i])
-        records.append({"file": str(path[i, k].relative_to(out)), "index": i, "sample": k,
-                        "caption": scenes[i].caption, "kind": scenes[i].kind, **scored})
-    records = sorted(gather_object(records), key=lambda r: (r["index"], r["sample"]))
+        return {"file": str(path[i, k].relative_to(out)), "index": i, "sample": k, "caption": scenes[i].caption,
+                "kind": scenes[i].kind, **scored}
+
+    records = sorted(R.map_share(ctx, items, score, "scoring", progress), key=lambda r: (r["index"], r["sample"]))
     summary = aggregate(records)
     failures = [r for r in records if not r["full"]]
     result: dict[str, Any] = {
@@ -163,8 +162,8 @@ def evaluate_shapes(pipe: Callable[..., Any] | None, captions_or_scenes: Sequenc
         **summary, "num_failures": len(failures), "failures_grid": "failures.png" if failures else None,
         "per_image_results": "per_image.jsonl",
     }
-    if state.is_main_process:
-        (out / "per_image.jsonl").write_text("".join(json.dumps(r) + "\n" for r in records))
+    if ctx.is_main:
+        R.atomic_write_bytes(out / "per_image.jsonl", "".join(json.dumps(r) + "\n" for r in records).encode())
         if failures:
             shown = failures[:max_failures]
             caps = [f"{r['caption']} [{', '.join(a for a in ATTRIBUTES[:4] if r[a] is False) or 'pairs'}]" for r in shown]
@@ -173,12 +172,12 @@ def evaluate_shapes(pipe: Callable[..., Any] | None, captions_or_scenes: Sequenc
             if scale > 1:
                 tiles = torch.nn.functional.interpolate(tiles, scale_factor=scale, mode="nearest")
             save_image_grid(tiles, out / "failures.png", None, caps)
-        (out / RESULTS_NAME).write_text(json.dumps(result, indent=2) + "\n")
+        R.atomic_write_json(out / RESULTS_NAME, result)
         s = summary["scores"]
         print(f"shapes eval: {counts['generated']} images generated, {counts['reused']} reused; full {s['full']:.3f} "
               f"color {s['color']:.3f} shape {s['shape']:.3f} count {s['count']:.3f} relation {s['relation']}; "
               f"wrote {out / RESULTS_NAME}")
-    state.wait_for_everyone()
+    ctx.barrier()
     return result
 
 
