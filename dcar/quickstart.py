@@ -144,11 +144,16 @@ class Quickstart:
         }}
 
     @functools.cached_property
-    def data_config(self) -> Any:
-        """The tokenizer config's ``data`` section: resolution and shapes layout shared by every phase."""
+    def tokenizer_train_config(self) -> Any:
+        """The tokenizer config (its ``data`` section and codebook size are shared by every phase)."""
         from dcar.train.tokenizer import TokenizerTrainConfig
 
-        return load_config(TokenizerTrainConfig, [f"config={self.tokenizer_config}"]).data
+        return load_config(TokenizerTrainConfig, [f"config={self.tokenizer_config}"])
+
+    @property
+    def data_config(self) -> Any:
+        """The tokenizer config's ``data`` section: resolution and shapes layout shared by every phase."""
+        return self.tokenizer_train_config.data
 
     @property
     def resolution(self) -> int:
@@ -179,6 +184,7 @@ class Quickstart:
                 f"train.steps={steps}", f"train.ckpt_every={max(1, steps // 3)}", f"seed={cfg.seed}",
                 f"data.seed={cfg.seed}", f"data.resolution={res}", f"model.image_size={res}",
                 f"model.pos_base_size={res // 32}", "data.kind=tokens",
+                f"model.codebook_size={self.tokenizer_train_config.model.quantizer.codebook_size}",
                 f"data.path={self.out / 'tokens' / 'train'}", f"data.heldout_path={self.out / 'tokens' / 'heldout'}",
                 f"log.progress={cfg.progress}"]
         if cfg.ci:

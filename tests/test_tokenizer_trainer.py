@@ -107,6 +107,16 @@ def test_kmeans_codebook_init_on_init_from(tmp_path):
     again.setup()
     assert torch.equal(again.unwrap("model").tokenizer.quantizer.embedding.weight,
                        load_file(str(tmp_path / "km" / "final" / "model.safetensors"))["quantizer.embedding.weight"])
+    # k-means rebuilds the codebook, so it may change size; the encoder/decoder weights still come from init_from
+    small = _trainer(_cfg(tmp_path, "km16", *init, "codebook_init=kmeans", "codebook_init_images=64",
+                          "model.quantizer.codebook_size=16"))
+    small.setup()
+    tok_small = small.unwrap("model").tokenizer
+    assert tok_small.quantizer.embedding.weight.shape == (16, 32)
+    warm = load_file(str(tmp_path / "warmup" / "final" / "model.safetensors"))
+    assert torch.equal(tok_small.encoder.conv_in.conv.weight, warm["encoder.conv_in.conv.weight"])
+    with pytest.raises(RuntimeError, match="size mismatch"):  # keeping the codebook needs the same size
+        _trainer(_cfg(tmp_path, "keep16", *init, "codebook_init=keep", "model.quantizer.codebook_size=16")).setup()
 
 
 def test_exact_resume_with_gan(tmp_path):

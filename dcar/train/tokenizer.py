@@ -63,6 +63,7 @@ class TokenizerTrainConfig(TrainConfig):
     # Codebook initialisation when a stage that trains the quantiser starts from ``init_from`` (not on resume):
     # "keep" the loaded codebook, or "kmeans": k-means++ / Lloyd centroids of the loaded encoder's latents on the
     # first ``codebook_init_images`` training images (dcar.models.tokenizer.kmeans; SoundStream / EnCodec practice).
+    # With "kmeans" the loaded checkpoint's quantiser state is not used, so its codebook size may differ.
     codebook_init: str = choice("keep", "keep", "kmeans")
     codebook_init_images: int = 1024
     codebook_init_iters: int = 20
@@ -125,11 +126,16 @@ class TokenizerTrainer(Trainer):
         """``init_from``: a DC-HT ``save_pretrained`` folder (a previous stage's ``final/``) or a checkpoint."""
         tokenizer = self.unwrap("model").tokenizer
         path_ = Path(path)
+        reinit_codebook = self.cfg.codebook_init == "kmeans" and self.spec.train_quantizer
         if (path_ / "model.safetensors").is_file() and (path_ / "config.json").is_file():
-            tokenizer.load_state_dict(DCHT.from_pretrained(path_).state_dict())
+            state = DCHT.from_pretrained(path_).state_dict()
+            if reinit_codebook:  # the codebook is rebuilt below; any size may be loaded from
+                state = {k: v for k, v in state.items() if not k.startswith("quantizer.")}
+                state.update({k: v for k, v in tokenizer.state_dict().items() if k.startswith("quantizer.")})
+            tokenizer.load_state_dict(state)
         else:
             super().load_init(path)
-        if self.cfg.codebook_init == "kmeans" and self.spec.train_quantizer:
+        if reinit_codebook:
             self.init_codebook_kmeans()
 
     @torch.no_grad()
