@@ -40,6 +40,7 @@ from .models.generator import DCAR, TextEncoder, TextEncoderConfig, TextKV
 from .models.generator.masking import mask_schedule_counts
 from .models.tokenizer import DCHT
 from .sampling import branch_hidden, encode_text_branches, maskgit_decode
+from .utils.atomic import atomic_write_text
 
 __all__ = ["DEFAULT_GUIDANCE_SCALE", "DCARPipeline", "load_text_encoder", "save_text_encoder"]
 
@@ -55,7 +56,7 @@ def save_text_encoder(text_encoder: TextEncoder, directory: str | os.PathLike) -
     text_encoder.model.save_pretrained(str(out), safe_serialization=True)
     text_encoder.tokenizer.save_pretrained(str(out))
     cfg = dataclasses.asdict(text_encoder.config)
-    (out / TEXT_ENCODER_CONFIG).write_text(json.dumps(cfg, indent=2, sort_keys=True))
+    atomic_write_text(out / TEXT_ENCODER_CONFIG, json.dumps(cfg, indent=2, sort_keys=True))
     return out
 
 
@@ -147,7 +148,7 @@ class DCARPipeline:
         save_text_encoder(self.text_encoder, out / "text_encoder")
         meta = {"_class": type(self).__name__, "dcar_version": __version__,
                 "components": {"tokenizer": "DCHT", "generator": "DCAR", "text_encoder": "TextEncoder"}}
-        (out / "pipeline.json").write_text(json.dumps(meta, indent=2))
+        atomic_write_text(out / "pipeline.json", json.dumps(meta, indent=2))
         return out
 
     @classmethod

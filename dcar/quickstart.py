@@ -38,6 +38,7 @@ import torch
 
 from dcar.cli import configs_dir
 from dcar.config.loader import load_config
+from dcar.utils.atomic import atomic_write_json, atomic_write_text
 
 
 @dataclass
@@ -84,10 +85,7 @@ class Quickstart:
 
     # ------------------------------------------------------------------ bookkeeping
     def _save_state(self) -> None:
-        self.out.mkdir(parents=True, exist_ok=True)
-        tmp = self.state_path.with_suffix(".tmp")
-        tmp.write_text(json.dumps(self.state, indent=2, sort_keys=True))
-        tmp.replace(self.state_path)
+        atomic_write_json(self.state_path, self.state, sort_keys=True)
 
     def phase(self, name: str, fn: Callable[[], dict[str, Any] | None]) -> None:
         """Run ``fn`` unless the phase finished before; store its wall time and metrics."""
@@ -269,8 +267,8 @@ class Quickstart:
         self.phase("residual_gain", self.residual_gain)
         metrics = {**self.state["metrics"], "wall_s": {**self.state["wall_s"],
                                                        "total": round(sum(self.state["wall_s"].values()), 1)}}
-        (self.out / "metrics.json").write_text(json.dumps(metrics, indent=2, sort_keys=True))
-        (self.out / "report.md").write_text(self.report(metrics))
+        atomic_write_json(self.out / "metrics.json", metrics, sort_keys=True)
+        atomic_write_text(self.out / "report.md", self.report(metrics))
         return metrics
 
     def report(self, metrics: dict[str, Any]) -> str:

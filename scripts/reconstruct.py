@@ -65,6 +65,7 @@ def main(argv: Sequence[str]) -> None:
     from dcar.eval.reconstruction import evaluate_reconstruction
     from dcar.models.tokenizer import DCHT
     from dcar.train.logging import save_image_grid
+    from dcar.utils.atomic import atomic_write_text
 
     tok_path = Path(cfg.tokenizer)
     resolution = cfg.resolution or run_resolution(tok_path) or 256
@@ -110,7 +111,7 @@ def main(argv: Sequence[str]) -> None:
         "ids": ids,
         "psnr_per_image": {p: result[p]["psnr_per_image"] for p in ("continuous", "discrete")},
     }
-    (out / "psnr.json").write_text(json.dumps(report, indent=1))
+    atomic_write_text(out / "psnr.json", json.dumps(report, indent=1))
     cb = result["codebook"]
     print(f"{result['num_images']} images at {resolution} px from {source}")
     print(f"continuous: PSNR {report['psnr_continuous']:.2f} dB  SSIM {report['ssim_continuous']:.4f}")

@@ -97,6 +97,7 @@ def main(argv: Sequence[str]) -> Path:
     from tqdm import tqdm
 
     from dcar.train.logging import save_image_grid, to_uint8
+    from dcar.utils.atomic import atomic_write_text
 
     cfg = load_config(SampleConfig, argv)
     prompts = read_prompts(cfg)
@@ -125,7 +126,7 @@ def main(argv: Sequence[str]) -> Path:
             if len(grid_images) < 64:
                 grid_images.append(image)
                 grid_captions.append(p)
-    (out / "metadata.jsonl").write_text("".join(json.dumps(r) + "\n" for r in rows))
+    atomic_write_text(out / "metadata.jsonl", "".join(json.dumps(r) + "\n" for r in rows))
     nrow = cfg.nrow or (cfg.n_per_prompt if cfg.n_per_prompt > 1 else None)
     grid = save_image_grid(torch.stack(grid_images), out / "grid.png", nrow, grid_captions)
     print(f"wrote {len(rows)} images to {out / 'images'} and the grid {grid}")

@@ -12,6 +12,7 @@ import torch
 from PIL import Image
 
 from dcar.config import ConfigError
+from dcar.eval import runner as R
 from dcar.eval.geneval import (
     TASKS,
     GenEvalRules,
@@ -275,6 +276,25 @@ def test_metadata_loader_and_layout(tmp_path):
             load_metadata(meta_file)
 
 
+def test_run_geneval_refuses_a_folder_laid_out_for_other_prompts_on_every_process(tmp_path):
+    meta_file = tmp_path / "meta.jsonl"
+    meta_file.write_text("".join(json.dumps(m) + "\n" for m in EXCERPT[:2]))
+    write_layout(tmp_path / "out", EXCERPT[1:3])  # an earlier run with other prompts
+    one = R.DistContext(rank=0, world=1, device="cpu")
+    with pytest.raises(ConfigError, match=r"00000[/\\]metadata.jsonl holds other metadata; use a fresh output folder"):
+        run_geneval(None, meta_file, tmp_path / "out", ctx=one, progress=False)
+
+    class Rank1(R.DistContext):
+        """A non-main process: it does not read the layout, it gets the main process's verdict from ``gather``."""
+
+        def gather(self, items):
+            return ["main: holds other metadata", *items]
+
+    with pytest.raises(ConfigError, match="^main: holds other metadata$"):
+        run_geneval(None, meta_file, tmp_path / "fresh", ctx=Rank1(rank=1, world=2, device="cpu"), progress=False)
+    assert not (tmp_path / "fresh").exists()  # only the main process writes the layout
+
+
 def test_official_command_and_class_list(tmp_path):
     cmd = official_command(tmp_path / "g", "/src/geneval", "/models")
     assert cmd.startswith("cd /src/geneval && python evaluation/evaluate_images.py ")
@@ -355,7 +375,7 @@ def test_interrupted_run_resumes_to_the_same_json(tiny_pipe, tmp_path):
     resumed = run_geneval(resume, meta_file, tmp_path / "resumed", **kw)
     assert resume.calls == 2  # only the two prompts without images
     on_disk = json.loads((tmp_path / "resumed" / "geneval_results.json").read_text())
-    assert on_disk == resumed
+    assert on_disk == resumed and resumed["pipeline_fingerprint"] is None  # "tiny" names no folder
     for r in (fresh, resumed):
         r.pop("image_dir"), r.pop("official_command"), r.pop("message")
     assert resumed == fresh
@@ -382,6 +402,8 @@ def test_script_without_detector_writes_null_scores(tiny_pipe, tmp_path, capsys)
     saved = json.loads((tmp_path / "out" / "geneval_results.json").read_text())
     assert saved == result and saved["scores"] is None and "official evaluator" in saved["message"]
     assert saved["sampler"]["num_steps"] == 2 and saved["n_per_prompt"] == 2 and saved["dcar_version"]
+    assert saved["pipeline_fingerprint"] == R.fingerprint(tmp_path / "pipe")
+    assert saved["environment"] == R.environment() and saved["dcar_version"] == saved["environment"]["dcar"]
     assert sorted(p.name for p in (tmp_path / "out" / "00000" / "samples").iterdir()) == ["0000.png", "0001.png"]
     with pytest.raises(ConfigError, match="not found|mmdet"):
         mod["main"]([*argv, "detector=no_such_module_xyz:factory"])

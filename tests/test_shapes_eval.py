@@ -11,6 +11,7 @@ import torch
 
 from dcar.config import ConfigError
 from dcar.data.shapes import Scene, ShapesDataset, caption_split, parse_caption, render_array
+from dcar.eval import runner as R
 from dcar.eval.shapes_eval import aggregate, evaluate_shapes, heldout_captions, scene_for, validate_scorer
 
 ROOT = Path(__file__).resolve().parents[1]
@@ -155,6 +156,7 @@ def test_interrupted_run_resumes_to_the_same_json(tiny_pipe, tmp_path):
     resumed = evaluate_shapes(crashing, CAPTIONS, tmp_path / "resumed", **kw)
     assert calls["n"] == 1  # the second batch only
     assert resumed == fresh == json.loads((tmp_path / "resumed" / "shapes_eval.json").read_text())
+    assert fresh["pipeline_fingerprint"] is None  # "tiny" names no folder
     for p in (tmp_path / "fresh" / "images").iterdir():
         assert p.read_bytes() == (tmp_path / "resumed" / "images" / p.name).read_bytes()
     # the discrete-only ablation reaches the pipeline and changes the images
@@ -173,8 +175,18 @@ def test_script(tiny_pipe, tmp_path, capsys):
     assert res["num_captions"] == 3 and res["sampler"]["use_head"] is False and res["pipeline"] == str(tmp_path / "pipe")
     assert "heldout" in res["captions_source"] and (tmp_path / "out" / "shapes_eval.json").is_file()
     assert "shapes eval:" in capsys.readouterr().out
-    report = mod["main"](["validate=true", "validate_images=50"])
-    assert report["true_full_rate"] >= 0.99
+    saved = json.loads((tmp_path / "out" / "shapes_eval.json").read_text())
+    assert saved == res and saved["pipeline_fingerprint"] == R.fingerprint(tmp_path / "pipe")
+    assert saved["environment"] == R.environment() and saved["dcar_version"] == saved["environment"]["dcar"]
+    report = mod["main"](["validate=true", "validate_images=50", f"out={tmp_path / 'val'}", "data_seed=1"])
+    on_disk = json.loads((tmp_path / "val" / "scorer_validation.json").read_text())
+    assert on_disk == report and report["true_full_rate"] >= 0.99 and report["shuffled_full_rate"] <= 0.05
+    assert report["passed"] is True and report["num_images"] == 50 and report["data_seed"] == 1
+    assert report["min_true_full_rate"] == 0.99 and report["max_shuffled_full_rate"] == 0.05
+    assert report["protocol"] == "shapes-eval-scorer-validation" and report["split"] == "heldout"
+    assert report["environment"] == R.environment() and report["dcar_version"] == report["environment"]["dcar"]
+    assert sorted(p.name for p in (tmp_path / "val").iterdir()) == ["scorer_validation.json"]
+    assert "scorer_validation.json" in capsys.readouterr().out
     with pytest.raises(ConfigError, match="not a shapes caption"):
         mod["main"]([f"pipeline={tmp_path / 'pipe'}", "captions=a photo of a cat"])
 

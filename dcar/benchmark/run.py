@@ -21,7 +21,6 @@ casts the tokenizer and generator with ``pipe.to(dtype=...)``. float32 uses neit
 from __future__ import annotations
 
 import contextlib
-import json
 import os
 import platform
 import tempfile
@@ -33,6 +32,7 @@ from typing import Any
 import torch
 
 from dcar.config.loader import ConfigError, to_container
+from dcar.utils.atomic import atomic_write_json
 
 from .config import BenchmarkConfig, base_prompts, model_configs, output_path, prompt_list
 from .phases import PHASES, PhaseClock, PhaseFlops, Sampling, phased_call, transformer_phase
@@ -269,9 +269,6 @@ def _finish(result: dict[str, Any], cfg: BenchmarkConfig, device: torch.device, 
     if device.type == "cpu":
         result.setdefault("peak_memory", peak_memory(device))
     path = output_path(cfg, device.type, cfg.dtype)
-    path.parent.mkdir(parents=True, exist_ok=True)
-    tmp = path.with_name(path.name + ".tmp")
-    tmp.write_text(json.dumps(result, indent=2, sort_keys=True) + "\n")
-    tmp.replace(path)
+    atomic_write_json(path, result, sort_keys=True)
     result["out"] = str(path)
     return result

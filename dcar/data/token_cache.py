@@ -19,11 +19,11 @@ from typing import Any
 
 import torch
 from safetensors import safe_open
-from safetensors.torch import save_file
 from torch import Tensor
 from torch.utils.data import DataLoader, Dataset
 
 from dcar.data.collate import collate
+from dcar.utils.atomic import atomic_save_safetensors, atomic_write_text
 
 __all__ = ["CACHE_META", "TokenCacheDataset", "read_cache_meta", "write_token_cache"]
 
@@ -37,11 +37,9 @@ def _shard_name(i: int) -> str:
 
 def _write_shard(out: Path, i: int, tensors: dict[str, Tensor], captions: list[str]) -> None:
     name = _shard_name(i)
-    tmp = out / f".{name}.tmp"
-    save_file({k: v.contiguous() for k, v in tensors.items()}, str(tmp))
-    (out / f".{name}.json.tmp").write_text(json.dumps(captions))
-    os.replace(out / f".{name}.json.tmp", out / f"{name}.json")
-    os.replace(tmp, out / f"{name}.safetensors")  # the safetensors file is the shard's commit marker
+    atomic_write_text(out / f"{name}.json", json.dumps(captions))
+    # written last: the safetensors file is the shard's commit marker
+    atomic_save_safetensors({k: v.contiguous() for k, v in tensors.items()}, out / f"{name}.safetensors")
 
 
 @torch.no_grad()
@@ -113,9 +111,7 @@ def write_token_cache(
         meta["num_samples"] += n
         meta["grid"] = list(grid)
     bar.close()
-    tmp = out / f".{CACHE_META}.tmp"
-    tmp.write_text(json.dumps(meta, indent=2))
-    os.replace(tmp, out / CACHE_META)
+    atomic_write_text(out / CACHE_META, json.dumps(meta, indent=2))
     return out
 
 

@@ -133,9 +133,8 @@ def run_geneval(pipe: Callable[..., Any] | None, metadata_path: str | os.PathLik
                 ctx: R.DistContext | None = None, progress: bool = True) -> dict[str, Any]:
     """Generate ``n_per_prompt`` images per prompt in GenEval's layout (every prompt reseeded with ``seed``, as
     GenEval's reference generator; existing PNGs reused), score them if a ``detector`` is given, and write
-    ``<out>/geneval_results.json`` (see the schema in the report / script docstring). Returns that dict."""
-    from dcar import __version__
-
+    ``<out>/geneval_results.json`` (see the schema in the report / script docstring). Returns that dict.
+    A folder laid out for other prompts raises the same :class:`ConfigError` on every process."""
     if ctx is None:
         ctx = R.dist_context()
     meta_path = Path(metadata_path)
@@ -143,9 +142,15 @@ def run_geneval(pipe: Callable[..., Any] | None, metadata_path: str | os.PathLik
     metadata_sha256 = R.sha256_file(meta_path)
     out = Path(out)
     kwargs = dict(pipe_kwargs or {})
+    error = None
     if ctx.is_main:
-        write_layout(out, metadata)
-    ctx.barrier()
+        try:
+            write_layout(out, metadata)
+        except ConfigError as err:
+            error = str(err)
+    errors = [e for e in ctx.gather([error]) if e]  # the main process's verdict, on every process (also a barrier)
+    if errors:
+        raise ConfigError(errors[0])
     if pipe is not None:
         R.check_settings(ctx, out / "generation.json", {"pipeline": pipeline_path, "n_per_prompt": n_per_prompt,
                                                         "seed": seed, "sampler": kwargs,
@@ -154,13 +159,15 @@ def run_geneval(pipe: Callable[..., Any] | None, metadata_path: str | os.PathLik
                    out / f"{i:05d}" / "grid.png" if grid else None) for i, m in enumerate(metadata)]
     counts = generate_missing(pipe, jobs, kwargs, ctx, desc="geneval sampling", progress=progress)
     command = official_command(out)
+    env = R.environment()
     result: dict[str, Any] = {
-        "protocol": "geneval", "dcar_version": __version__, "pipeline": pipeline_path, "metadata": str(meta_path),
+        "protocol": "geneval", "dcar_version": env["dcar"], "pipeline": pipeline_path,
+        "pipeline_fingerprint": R.optional_fingerprint(pipeline_path), "metadata": str(meta_path),
         "metadata_sha256": metadata_sha256, "image_dir": str(out), "num_prompts": len(metadata),
         "n_per_prompt": n_per_prompt, "num_images": len(metadata) * n_per_prompt, "seed": seed,
         "seeding": "every prompt's n_per_prompt images in one pipeline call with seed=seed (GenEval reseeds per prompt)",
         "sampler": kwargs, "official_command": command, "rules": asdict(rules), "detector": backend or None,
-        "scores": None, "per_image_results": None,
+        "scores": None, "per_image_results": None, "environment": env,
     }
     if detector is None:
         result["message"] = ("no detector backend: images written in GenEval's layout but not scored. Score them with "

@@ -3,7 +3,7 @@
 The evaluations (rFID, MJHQ, GenEval, ShapesEval) share one version of each helper: the process context
 (:func:`dist_context`: rank, world size, device, barriers, :meth:`DistContext.gather`), the round-robin share of a
 process (:func:`my_share`, :func:`map_share`), files written atomically (:func:`atomic_write_bytes` and the JSON /
-``.npz`` / image variants: a temporary file in the same folder, then ``os.replace``), the settings guard of a
+``.npz`` / image variants, defined in :mod:`dcar.utils.atomic` and re-exported here), the settings guard of a
 resumable output folder (:func:`check_settings`) and file hashes (:func:`sha256_file`, :func:`fingerprint`).
 
 An evaluation splits its N items into fixed **chunks** (``chunk_size`` items each, independent of the number of
@@ -22,58 +22,18 @@ from __future__ import annotations
 import contextlib
 import hashlib
 import importlib.metadata
-import io
 import json
 import os
 import platform
-import tempfile
 from collections.abc import Callable, Iterator, Mapping, Sequence
 from dataclasses import dataclass
 from pathlib import Path
-from typing import TYPE_CHECKING, Any
+from typing import Any
 
 import numpy as np
 
 from dcar.config.loader import ConfigError
-
-if TYPE_CHECKING:
-    from PIL import Image
-
-
-def atomic_write_bytes(path: str | os.PathLike, data: bytes) -> Path:
-    """Write ``data`` to ``path`` through a temporary file in the same folder and ``os.replace`` (never partial)."""
-    path = Path(path)
-    path.parent.mkdir(parents=True, exist_ok=True)
-    fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".tmp")
-    try:
-        with os.fdopen(fd, "wb") as f:
-            f.write(data)
-        os.replace(tmp, path)
-    except BaseException:
-        with contextlib.suppress(OSError):
-            os.unlink(tmp)
-        raise
-    return path
-
-
-def atomic_write_json(path: str | os.PathLike, obj: Any) -> Path:
-    """JSON (indented, keys in insertion order) written atomically."""
-    return atomic_write_bytes(path, (json.dumps(obj, indent=2) + "\n").encode())
-
-
-def atomic_savez(path: str | os.PathLike, **arrays: Any) -> Path:
-    """``np.savez`` written atomically (the file name is used as given: no ``.npz`` is appended)."""
-    buf = io.BytesIO()
-    np.savez(buf, **arrays)
-    return atomic_write_bytes(path, buf.getvalue())
-
-
-def atomic_save_image(image: Image.Image, path: str | os.PathLike, format: str = "PNG", **options: Any) -> Path:
-    """A PIL image encoded in memory (``format``, PIL save ``options``) and written atomically: an interrupted run
-    never leaves a partial image that a rerun would take as done."""
-    buf = io.BytesIO()
-    image.save(buf, format=format, **options)
-    return atomic_write_bytes(path, buf.getvalue())
+from dcar.utils.atomic import atomic_save_image, atomic_savez, atomic_write_bytes, atomic_write_json
 
 
 def load_npz(path: str | os.PathLike) -> dict[str, np.ndarray] | None:
@@ -102,6 +62,12 @@ def fingerprint(path: str | os.PathLike) -> str:
         else:
             h.update(str(p.stat().st_size).encode())
     return h.hexdigest()[:16]
+
+
+def optional_fingerprint(path: str | os.PathLike | None) -> str | None:
+    """:func:`fingerprint` of an existing file or folder; None for an empty or missing path (e.g. a pipeline object
+    given in Python, or only scoring images already on disk)."""
+    return fingerprint(path) if path and Path(path).exists() else None
 
 
 def sha256_file(path: str | os.PathLike) -> str:
@@ -309,5 +275,6 @@ class IndexedImages:
 __all__ = [
     "DistContext", "IndexedImages", "atomic_save_image", "atomic_savez", "atomic_write_bytes", "atomic_write_json",
     "check_settings", "chunk_ranges", "concat", "dist_context", "environment", "fingerprint", "load_npz", "load_parts",
-    "map_share", "my_share", "part_path", "prepare_work_dir", "run_chunks", "sha256_file", "valid_part",
+    "map_share", "my_share", "optional_fingerprint", "part_path", "prepare_work_dir", "run_chunks", "sha256_file",
+    "valid_part",
 ]

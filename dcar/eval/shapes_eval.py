@@ -8,7 +8,8 @@ pipeline draws ``n_per_caption`` images for it, and the programmatic detector
 ``relation`` (relation captions only) and ``full`` (the multiset of detected (colour, shape) pairs equals the
 caption's, and the relation holds). :func:`aggregate` averages them over images (``relation`` over relation images),
 overall and per caption family. :func:`validate_scorer` checks the scorer itself: on the dataset's own renders it must
-give a full-caption rate >= 0.99 for their captions and <= 0.05 for shuffled captions.
+give a full-caption rate >= 0.99 for their captions and <= 0.05 for shuffled captions (:func:`write_scorer_validation`
+saves that report as ``<out>/scorer_validation.json``).
 
 Layout of ``out_dir`` (:func:`evaluate_shapes`): ``images/<caption index:05d>_<sample:02d>.png``, ``generation.json``
 (settings; a resumed run must use the same), ``per_image.jsonl``, ``failures.png`` (captioned grid of failed images,
@@ -36,10 +37,12 @@ from dcar.eval.generate import GenJob, generate_missing
 from dcar.eval.shapes_detector import detect_objects, score_scene
 
 __all__ = ["ATTRIBUTES", "aggregate", "evaluate_shapes", "heldout_captions", "scene_for", "score_shapes_image",
-           "validate_scorer"]
+           "validate_scorer", "write_scorer_validation"]
 
 ATTRIBUTES: tuple[str, ...] = ("color", "shape", "count", "relation", "full")
 RESULTS_NAME = "shapes_eval.json"
+VALIDATION_NAME = "scorer_validation.json"
+MIN_TRUE_FULL_RATE, MAX_SHUFFLED_FULL_RATE = 0.99, 0.05  # what validate_scorer must give
 
 
 def scene_for(item: str | Scene | Mapping[str, Any], resolution: int = 64) -> Scene:
@@ -104,6 +107,24 @@ def validate_scorer(num_images: int = 200, resolution: int = 64, data_seed: int 
             "num_images": num_images}
 
 
+def write_scorer_validation(out_dir: str | os.PathLike, num_images: int = 500, resolution: int = 64,
+                            data_seed: int = 0, split: str = "heldout") -> dict[str, Any]:
+    """:func:`validate_scorer`, with its settings, the thresholds, ``passed`` and the provenance block
+    (``dcar_version``, ``environment``), written atomically to ``<out_dir>/scorer_validation.json``; returns it."""
+    report = validate_scorer(num_images, resolution, data_seed, split)
+    env = R.environment()
+    result: dict[str, Any] = {
+        "protocol": "shapes-eval-scorer-validation", **report, "resolution": resolution, "data_seed": data_seed,
+        "split": split, "min_true_full_rate": MIN_TRUE_FULL_RATE, "max_shuffled_full_rate": MAX_SHUFFLED_FULL_RATE,
+        "passed": report["true_full_rate"] >= MIN_TRUE_FULL_RATE
+        and report["shuffled_full_rate"] <= MAX_SHUFFLED_FULL_RATE,
+        "scorer": "dcar.eval.shapes_detector.detect_objects + score_scene (programmatic)",
+        "dcar_version": env["dcar"], "environment": env,
+    }
+    R.atomic_write_json(Path(out_dir) / VALIDATION_NAME, result)
+    return result
+
+
 def _load_tensor(path: Path) -> torch.Tensor:
     arr = np.asarray(Image.open(path).convert("RGB"), dtype=np.float32)
     return torch.from_numpy(arr).permute(2, 0, 1) / 127.5 - 1.0
@@ -118,7 +139,6 @@ def evaluate_shapes(pipe: Callable[..., Any] | None, captions_or_scenes: Sequenc
     ``<out_dir>/shapes_eval.json``; returns that dict. ``guidance_scale=None``: the pipeline's default
     (recorded).
     ``use_head=False`` samples discrete tokens only (hybrid-vs-discrete ablation). ``pipe=None``: score existing images."""
-    from dcar import __version__
     from dcar.train.logging import save_image_grid
 
     if n_per_caption < 1 or batch_size < 1:
@@ -153,14 +173,16 @@ def evaluate_shapes(pipe: Callable[..., Any] | None, captions_or_scenes: Sequenc
     records = sorted(R.map_share(ctx, items, score, "scoring", progress), key=lambda r: (r["index"], r["sample"]))
     summary = aggregate(records)
     failures = [r for r in records if not r["full"]]
+    env = R.environment()
     result: dict[str, Any] = {
-        "protocol": "shapes-eval", "dcar_version": __version__, "pipeline": pipeline_path,
+        "protocol": "shapes-eval", "dcar_version": env["dcar"], "pipeline": pipeline_path,
+        "pipeline_fingerprint": R.optional_fingerprint(pipeline_path),
         "captions_source": source, "num_captions": len(scenes), "n_per_caption": n_per_caption,
         "num_images": len(records), "seed": seed, "batch_size": batch_size,
         "seeding": "images in fixed batches of batch_size (caption-major order); batch b sampled with seed + b",
         "sampler": kwargs, "scorer": "dcar.eval.shapes_detector.detect_objects + score_scene (programmatic)",
         **summary, "num_failures": len(failures), "failures_grid": "failures.png" if failures else None,
-        "per_image_results": "per_image.jsonl",
+        "per_image_results": "per_image.jsonl", "environment": env,
     }
     if ctx.is_main:
         R.atomic_write_bytes(out / "per_image.jsonl", "".join(json.dumps(r) + "\n" for r in records).encode())

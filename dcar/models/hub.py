@@ -17,6 +17,8 @@ import torch
 from omegaconf import OmegaConf
 from safetensors.torch import load_model, save_model
 
+from dcar.utils.atomic import atomic_path, atomic_write_text
+
 CONFIG_NAME = "config.json"
 WEIGHTS_NAME = "model.safetensors"
 
@@ -66,12 +68,9 @@ class HubMixin:
         out = Path(save_directory)
         out.mkdir(parents=True, exist_ok=True)
         cfg = {"_class": type(self).__name__, **config_to_dict(self.config)}
-        tmp = out / (CONFIG_NAME + ".tmp")
-        tmp.write_text(json.dumps(cfg, indent=2, sort_keys=True))
-        os.replace(tmp, out / CONFIG_NAME)
-        tmp_w = out / (WEIGHTS_NAME + ".tmp")
-        save_model(self, str(tmp_w))  # handles shared tensors
-        os.replace(tmp_w, out / WEIGHTS_NAME)
+        atomic_write_text(out / CONFIG_NAME, json.dumps(cfg, indent=2, sort_keys=True))
+        with atomic_path(out / WEIGHTS_NAME) as tmp:
+            save_model(self, str(tmp))  # handles shared tensors
         return out
 
     @classmethod

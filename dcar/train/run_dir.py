@@ -12,6 +12,7 @@ from pathlib import Path
 from typing import Any
 
 from dcar.config.loader import to_yaml
+from dcar.utils.atomic import atomic_write_text
 
 
 def git_commit(path: str | Path | None = None) -> dict[str, Any]:
@@ -40,8 +41,8 @@ def prepare_run_dir(run_dir: str | Path, cfg: Any, argv: list[str] | None = None
     out.mkdir(parents=True, exist_ok=True)
     argv = list(sys.argv if argv is None else argv)
     command = shlex.join([Path(sys.executable).name, *argv])
-    (out / "config.yaml").write_text(to_yaml(cfg))
-    (out / "command.txt").write_text(command + "\n")
+    atomic_write_text(out / "config.yaml", to_yaml(cfg))
+    atomic_write_text(out / "command.txt", command + "\n")
     launch = {
         "time": time.strftime("%Y-%m-%dT%H:%M:%S%z"), "command": command, **git_commit(),
         "dcar": dcar.__version__, "torch": torch.__version__, "python": platform.python_version(),

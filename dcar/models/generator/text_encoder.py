@@ -13,13 +13,13 @@ from __future__ import annotations
 import json
 import os
 from collections.abc import Iterable, Sequence
-from pathlib import Path
 from typing import NamedTuple
 
 import torch
 from safetensors import safe_open
-from safetensors.torch import save_file
 from torch import Tensor, nn
+
+from dcar.utils.atomic import atomic_save_safetensors
 
 from .config import TextEncoderConfig
 
@@ -167,8 +167,5 @@ class TextEncoder(nn.Module):
             mask = torch.zeros(0, self.config.max_length, dtype=torch.bool)
         meta = {"captions": json.dumps(captions), "encoder": self.config.name_or_path, "kind": self.config.kind,
                 "max_length": str(self.config.max_length)}
-        Path(path).parent.mkdir(parents=True, exist_ok=True)
-        tmp = f"{path}.tmp"
-        save_file({"states": states, "mask": mask.to(torch.uint8)}, tmp, metadata=meta)
-        os.replace(tmp, path)
+        atomic_save_safetensors({"states": states, "mask": mask.to(torch.uint8)}, path, metadata=meta)
         return CachedText(states, mask, captions)
