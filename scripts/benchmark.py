@@ -5,6 +5,7 @@ and generator training throughput, on randomly initialised models.
     python scripts/benchmark.py preset=cpu-mid       # the CPU floor: 12 x 512 generator, 16 x 16 tokens, fp32
     python scripts/benchmark.py preset=tiny          # seconds (tests)
     python scripts/benchmark.py dtype=float16 ablate=true compile=true out=runs/benchmark/h100_fp16.json
+    python scripts/benchmark.py compile=true compile_mode=reduce-overhead decoder_fuse_norms=true  # CUDA graphs
     python scripts/benchmark.py flops_only=true device=cpu dtype=float32   # paper FLOPs per image on a CPU
 
 Prints a table and writes a JSON file (``out=``, default ``runs/benchmark/[<preset>_]<device>_<dtype>.json``).

@@ -82,12 +82,18 @@ def test_phases_add_up_to_the_whole_call(result):
 def test_ablation_entries(result):
     ab = result["ablation"]
     assert ab["batch"] == 4 and ab["baseline_s"] > 0
-    assert set(ab["variants"]) == {"logits_at_masked_only", "batched_cfg", "text_kv_once", "compile"}
+    assert set(ab["variants"]) == {"logits_at_masked_only", "batched_cfg", "text_kv_once", "compile",
+                                   "decoder_channels_last", "decoder_fused_norms"}
     for name, v in ab["variants"].items():
         assert v["off_s"] > 0 and v["on_s"] > 0 and v["speedup"] > 0, name
     # switching an optimisation off must not change what is sampled (K/V recomputation and eager-backend
     # compilation run the very same kernels)
     assert ab["variants"]["text_kv_once"]["same_codes"] and ab["variants"]["compile"]["same_codes"]
+    # the decoder options keep fp32 images equal within rounding
+    for name in ("decoder_channels_last", "decoder_fused_norms"):
+        v = ab["variants"][name]
+        assert v["phase"] == "decode" and v["tolerance"] == 1e-5 and v["same_images"], name
+        assert 0 <= v["max_abs_diff"] <= 1e-5, name
 
 
 def test_flops_per_image_equals_an_independent_count(result, tiny):
@@ -131,6 +137,31 @@ def test_transformer_variants_sample_the_same_codes(tiny):
     assert torch.equal(transformer_phase(pipe, states, mask, s, "forward", pipe.generator), base)
     with pytest.raises(ValueError, match="unknown variant"):
         transformer_phase(pipe, states, mask, s, "nope")
+
+
+def test_compile_options_reach_torch_compile(tmp_path, monkeypatch):
+    """compile=true goes through DCARPipeline.compile with compile_mode / compile_backend (eager: no codegen), for
+    the generator and, with compile_decoder=true, the decoder path set by decoder_channels_last/_fuse_norms."""
+    seen = []
+    real = torch.compile
+
+    def spy(*args, **kwargs):
+        seen.append(kwargs)
+        return real(*args, **kwargs)
+
+    monkeypatch.setattr(torch, "compile", spy)
+    out = tmp_path / "compiled.json"
+    run_script(["preset=tiny", "compile=true", "compile_mode=reduce-overhead", "compile_decoder=true",
+                "decoder_channels_last=true", "decoder_fuse_norms=true", "ablate=false", "train=false",
+                "latency_repeats=1", "throughput_batch=2", "throughput_repeats=1", "phase_repeats=1",
+                f"out={out}"], monkeypatch)
+    result = json.loads(out.read_text())
+    assert result["compile"] and result["compile_mode"] == "reduce-overhead"
+    assert result["decoder_path"] == {"channels_last": True, "fuse_norms": True}
+    assert len(seen) == 2  # the generator's forward and the decoder
+    assert all(k == {"mode": "reduce-overhead", "backend": "eager", "dynamic": False} for k in seen)
+    with pytest.raises(ConfigError, match="compile_mode"):
+        load_benchmark_config(["compile_mode=fast"])
 
 
 def test_unknown_keys_are_named(monkeypatch, capsys):

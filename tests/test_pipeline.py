@@ -1,6 +1,6 @@
 """DCARPipeline (dcar.pipeline) and scripts/sample.py on tiny random models: images, determinism, CFG plumbing,
 residual hidden states (masked / all conventions), discrete-only mode, resolution change, refine_residuals,
-save/load round trip and the sampling script."""
+save/load round trip, the decoder path options, torch.compile and the sampling script."""
 
 import dataclasses
 import json
@@ -9,9 +9,11 @@ from pathlib import Path
 
 import pytest
 import torch
+from diffusers.models.normalization import RMSNorm
 
 from dcar.models.generator import DCAR, DCARConfig, HeadConfig, TextEncoder, TextEncoderConfig, build_word_tokenizer
-from dcar.models.tokenizer import build_tokenizer
+from dcar.models.tokenizer import DCHT, DecoderPath, build_inference_decoder, build_tokenizer, load_tokenizer_config
+from dcar.models.tokenizer.fast_decoder import FusedRMSNorm
 from dcar.pipeline import DCARPipeline
 from dcar.sampling import encode_text_branches, maskgit_decode
 
@@ -217,6 +219,86 @@ def test_modes_are_restored_and_eval_is_used(parts):
     gen.eval()
     assert torch.equal(images, p(PROMPTS, 6, seed=0))  # BatchNorm running statistics were used
     assert [m.training for m in p.tokenizer.modules()] == tok_flags
+
+
+def norm_tokenizer(norm_types: tuple[str, ...] | None = None) -> DCHT:
+    """The shapes DC-HT (optionally with other decoder norm types) with non-trivial BatchNorm statistics and
+    RMSNorm affines, so that folding and fusing them is really exercised."""
+    cfg = load_tokenizer_config(ROOT / "configs" / "tokenizer" / "shapes.yaml")
+    if norm_types is not None:
+        cfg = dataclasses.replace(cfg, decoder_norm_types=norm_types)
+    torch.manual_seed(1)
+    tokenizer = DCHT(cfg).eval()
+    g = torch.Generator().manual_seed(2)
+    with torch.no_grad():
+        for m in tokenizer.decoder.modules():
+            if isinstance(m, torch.nn.BatchNorm2d):
+                m.running_mean.copy_(torch.randn(m.num_features, generator=g) * 0.5)
+                m.running_var.copy_(torch.rand(m.num_features, generator=g) * 1.5 + 0.5)
+            if isinstance(m, (torch.nn.BatchNorm2d, RMSNorm)):
+                m.weight.copy_(1 + 0.2 * torch.randn(m.weight.shape, generator=g))
+                m.bias.copy_(0.2 * torch.randn(m.bias.shape, generator=g))
+    return tokenizer
+
+
+@pytest.mark.parametrize("norm_types", [None, ("batch_norm",) * 6], ids=["shapes", "all_batch_norm"])
+def test_decoder_path_keeps_fp32_images(parts, norm_types):
+    tokenizer = norm_tokenizer(norm_types)
+    state = {k: v.clone() for k, v in tokenizer.state_dict().items()}
+    p = DCARPipeline(tokenizer, tiny_generator(), parts[1])
+    codes, residual = p.generate_tokens(PROMPTS, 6, 3.0, seed=0)
+    plain = p.decode(codes, residual)
+    whole = p(PROMPTS, 6, 3.0, seed=0)
+    for channels_last, fuse_norms in ((True, False), (False, True), (True, True)):
+        p.set_decoder_path(channels_last=channels_last, fuse_norms=fuse_norms)
+        assert p.decoder_path == DecoderPath(channels_last, fuse_norms)
+        images = p.decode(codes, residual)
+        assert images.is_contiguous() and (images - plain).abs().max() <= 1e-5, (channels_last, fuse_norms)
+    assert (p(PROMPTS, 6, 3.0, seed=0) - whole).abs().max() <= 1e-5
+    # the tokenizer itself is untouched: same modules, same state dict
+    assert any(isinstance(m, torch.nn.BatchNorm2d) for m in tokenizer.modules())
+    assert tokenizer.state_dict().keys() == state.keys()
+    assert all(torch.equal(v, state[k]) for k, v in tokenizer.state_dict().items())
+    # what the copy holds: no BatchNorm (each follows a conv or a linear), every RMSNorm fused, NHWC conv weights
+    n_rms = sum(isinstance(m, RMSNorm) for m in tokenizer.decoder.modules())
+    fast = build_inference_decoder(tokenizer.decoder, DecoderPath(channels_last=True, fuse_norms=True))
+    assert not any(isinstance(m, (torch.nn.BatchNorm2d, RMSNorm)) for m in fast.modules())
+    assert sum(isinstance(m, FusedRMSNorm) for m in fast.modules()) == n_rms > 0
+    assert all(m.weight.is_contiguous(memory_format=torch.channels_last) for m in fast.modules()
+               if isinstance(m, torch.nn.Conv2d) and m.kernel_size != (1, 1))
+    assert not fast.training and not any(q.requires_grad for q in fast.parameters())
+    # the copy follows in-place weight updates (optimizer step, load_state_dict) of the tokenizer
+    with torch.no_grad():
+        tokenizer.decoder.conv_in.weight.mul_(1.5)
+    updated = p.decode(codes, residual)
+    p.set_decoder_path()
+    assert (updated - plain).abs().max() > 1e-3 and (updated - p.decode(codes, residual)).abs().max() <= 1e-5
+
+
+def test_decoder_path_in_bfloat16():
+    tokenizer = norm_tokenizer().to(torch.bfloat16)
+    latent = torch.randn(2, 32, 4, 4, generator=torch.Generator().manual_seed(0)).to(torch.bfloat16)
+    with torch.no_grad():
+        plain = tokenizer.decode(latent).float().clamp(-1, 1)
+        fast = build_inference_decoder(tokenizer.decoder, DecoderPath(channels_last=True, fuse_norms=True))
+        images = tokenizer.decode(latent, fast)
+    assert images.dtype == torch.bfloat16 and (images.float().clamp(-1, 1) - plain).abs().max() <= 5e-2
+
+
+def test_compiled_pipeline_samples_the_same(parts, monkeypatch):
+    seen = []
+    real = torch.compile
+    monkeypatch.setattr(torch, "compile", lambda *a, **k: seen.append(k) or real(*a, **k))
+    ref = DCARPipeline(parts[0], tiny_generator(), parts[1])
+    p = DCARPipeline(parts[0], tiny_generator(), parts[1]).compile(mode="reduce-overhead", backend="aot_eager",
+                                                                   decoder=True)
+    assert seen == [{"mode": "reduce-overhead", "backend": "aot_eager", "dynamic": False}]
+    codes, residual = p.generate_tokens(PROMPTS, 6, 3.0, seed=2)
+    ref_codes, ref_residual = ref.generate_tokens(PROMPTS, 6, 3.0, seed=2)
+    assert torch.equal(codes, ref_codes)
+    torch.testing.assert_close(residual, ref_residual, atol=1e-5, rtol=1e-5)
+    assert (p.decode(codes, residual) - ref.decode(codes, residual)).abs().max() <= 1e-5
+    assert len(seen) == 2 and seen[1] == seen[0]  # the decoder, compiled on the first decode
 
 
 def test_save_and_load_round_trip(pipe, tmp_path):

@@ -66,8 +66,13 @@ class BenchmarkConfig:
     precision: str = choice("autocast", "autocast", "cast")
     threads: int = 0  # torch.set_num_threads (0: torch's default)
     malloc_keep: bool = False  # CPU/glibc: never return freed memory to the OS (no page faults on reused buffers)
-    compile: bool = False  # torch.compile the generator's forward (in place, dynamic=False)
+    compile: bool = False  # torch.compile the generator's forward (DCARPipeline.compile, dynamic=False)
     compile_backend: str = "inductor"
+    # torch.compile mode; reduce-overhead = CUDA graphs on a GPU (static shapes: fixed batch and grid)
+    compile_mode: str = choice("default", "default", "reduce-overhead", "max-autotune", "max-autotune-no-cudagraphs")
+    compile_decoder: bool = False  # with compile=true: also compile the DC-HT decoder
+    decoder_channels_last: bool = False  # DCARPipeline.set_decoder_path(channels_last=...)
+    decoder_fuse_norms: bool = False  # DCARPipeline.set_decoder_path(fuse_norms=...)
     seed: int = 0
     # ---- sampling (the quality evaluations' settings) ---------------------------------------------------------
     num_steps: int = 12
@@ -88,7 +93,7 @@ class BenchmarkConfig:
     train_batch: int = 16
     train_warmup: int = 3
     train_repeats: int = 10
-    ablate: bool = False  # transformer phase with each sampling optimisation switched off in turn
+    ablate: bool = False  # transformer phase with each sampling optimisation off, decode phase with each decoder option
     ablate_batch: int = 0  # 0: throughput_batch
     ablate_warmup: int = 2
     ablate_repeats: int = 5

@@ -65,8 +65,10 @@ def format_report(r: dict[str, Any]) -> str:
             if "skipped" in v:
                 add(f"  {name}", f"skipped: {v['skipped']}")
             else:
-                add(f"  {name}", f"off {v['off_s']:.4g} s, on {v['on_s']:.4g} s: x{v['speedup']:.2f} "
-                                 f"(same codes: {v['same_codes']})")
+                same = f"same codes: {v['same_codes']}" if "same_codes" in v else \
+                    f"same images: {v['same_images']}, max diff {v['max_abs_diff']:.2g}"
+                phase = f"{v['phase']}: " if "phase" in v else ""
+                add(f"  {name}", f"{phase}off {v['off_s']:.4g} s, on {v['on_s']:.4g} s: x{v['speedup']:.2f} ({same})")
     if "train" in r:
         t = r["train"]
         add(f"training (batch {t['batch']})", f"{t['img_s']:.4g} img/s ({t['seconds_per_step']['median']:.4g} s "

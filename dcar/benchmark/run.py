@@ -10,17 +10,21 @@ Order of work (each timed region is bracketed by device synchronisation):
 4. phases at ``throughput_batch`` (16): ``phase_repeats`` piece-by-piece calls, median per phase; they also warm
    the batch-16 call up;
 5. throughput: ``throughput_warmup`` + ``throughput_repeats`` whole calls at ``throughput_batch``;
-6. ``ablate=true``: the transformer phase with each sampling optimisation off (:mod:`dcar.benchmark.phases`);
+6. ``ablate=true``: the transformer phase with each sampling optimisation off (:mod:`dcar.benchmark.phases`), and
+   the decode phase with each decoder option on (``DCARPipeline.set_decoder_path``);
 7. ``train=true``: generator training throughput (:mod:`dcar.benchmark.train`; changes the weights, so it is last).
 
 Precision: ``precision=autocast`` (default) keeps fp32 weights and runs every call inside
 ``torch.autocast(device, dtype)`` (matmuls and convolutions in bf16/fp16, as HART samples); ``precision=cast``
-casts the tokenizer and generator with ``pipe.to(dtype=...)``. float32 uses neither.
+casts the tokenizer and generator with ``pipe.to(dtype=...)``. float32 uses neither. ``compile=true`` runs
+``pipe.compile(mode=compile_mode, backend=compile_backend, decoder=compile_decoder)`` before the latency runs;
+``decoder_channels_last`` / ``decoder_fuse_norms`` set the pipeline's decoder path for every call.
 """
 
 from __future__ import annotations
 
 import contextlib
+import copy
 import os
 import platform
 import tempfile
@@ -36,11 +40,23 @@ from dcar.utils.atomic import atomic_write_json
 
 from .config import BenchmarkConfig, base_prompts, model_configs, output_path, prompt_list
 from .phases import PHASES, PhaseClock, PhaseFlops, Sampling, phased_call, transformer_phase
-from .timing import device_name, keep_freed_memory, matmul_rate, peak_memory, reset_peak_memory, stats, sync, time_calls
+from .timing import (
+    device_name,
+    keep_freed_memory,
+    matmul_rate,
+    peak_memory,
+    reset_peak_memory,
+    stats,
+    sync,
+    time_calls,
+    time_interleaved,
+)
 
-__all__ = ["DTYPES", "build_pipeline", "count_flops", "resolve_device", "run_benchmark"]
+__all__ = ["DECODE_TOLERANCE", "DTYPES", "build_pipeline", "count_flops", "resolve_device", "run_benchmark"]
 
 DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}
+# max abs image difference (images in [-1, 1]) under which a decoder option counts as keeping the images the same
+DECODE_TOLERANCE = {"float32": 1e-5, "bfloat16": 5e-2, "float16": 5e-2}
 
 
 def resolve_device(name: str) -> torch.device:
@@ -92,6 +108,7 @@ def build_pipeline(cfg: BenchmarkConfig, device: torch.device, workdir: str | os
         tokenizer = DCHT(tok_cfg).eval()
         generator = DCAR(gen_cfg).eval()
     pipe = DCARPipeline(tokenizer, generator, text_encoder)
+    pipe.set_decoder_path(channels_last=cfg.decoder_channels_last, fuse_norms=cfg.decoder_fuse_norms)
     return pipe.to(device, DTYPES[cfg.dtype] if cfg.precision == "cast" else None)
 
 
@@ -156,18 +173,63 @@ def _ablation(pipe, cfg: BenchmarkConfig, s: Sampling, device, amp) -> dict[str,
         model = pipe.generator
         if cfg.compile:  # the baseline is compiled in place: the "off" variant calls the eager forward
             t, c = measure("forward", model.forward)
-            record("compile", "torch.compile of the generator", t, c, base["median"], backend=cfg.compile_backend)
+            record("compile", "torch.compile of the generator", t, c, base["median"], backend=cfg.compile_backend,
+                   mode=cfg.compile_mode)
         else:
-            compiled = torch.compile(model, dynamic=False, backend=cfg.compile_backend)
+            compiled = torch.compile(model, dynamic=False, backend=cfg.compile_backend, mode=cfg.compile_mode)
             start = time.perf_counter()
             t_on, c_on = measure("forward", compiled, max(1, cfg.ablate_warmup))  # the first warm-up compiles
             t_on["wall_incl_compile_s"] = time.perf_counter() - start
             out["variants"]["compile"] = {
                 "optimisation": "torch.compile of the generator", "off_s": base["median"], "on_s": t_on["median"],
                 "speedup": base["median"] / t_on["median"], "same_codes": bool(torch.equal(c_on, base_codes)),
-                "timing": t_on, "backend": cfg.compile_backend}
+                "timing": t_on, "backend": cfg.compile_backend, "mode": cfg.compile_mode}
     else:
         out["variants"]["compile"] = {"skipped": "ablate_compile=false"}
+    out["variants"].update(_decoder_ablation(pipe, cfg, base_codes, device, amp))
+    return out
+
+
+DECODER_VARIANTS = (
+    ("decoder_channels_last", "DC-HT decoder weights and latent in channels_last", {"channels_last": True}),
+    ("decoder_fused_norms", "BatchNorm folded into the conv/linear it follows, RMSNorm as F.rms_norm",
+     {"fuse_norms": True}),
+)
+
+
+def _decoder_ablation(pipe, cfg: BenchmarkConfig, codes: torch.Tensor, device, amp) -> dict[str, Any]:
+    """Decode phase (codebook lookup + residual + DC-HT decoder, ``pipe.decode``) of ``codes`` (B, h, w): the
+    plain decoder (off) against each ``set_decoder_path`` option alone (on), timed round-robin
+    (:func:`time_interleaved`) so that a shared machine's load drifts over all of them alike; the images are
+    compared by their max abs difference (``DECODE_TOLERANCE``). The residual is seeded noise: its values do not
+    change the cost. Each variant runs on a shallow copy of the pipeline (same models, its own decoder copy)."""
+    b, h, w = codes.shape
+    residual = None
+    if pipe.generator.head is not None:
+        noise = torch.randn((b, pipe.tokenizer.config.latent_channels, h, w),
+                            generator=torch.Generator().manual_seed(cfg.seed))
+        residual = noise.to(device)
+    views = {"off": copy.copy(pipe).set_decoder_path()}
+    views.update({name: copy.copy(pipe).set_decoder_path(**options) for name, _, options in DECODER_VARIANTS})
+    images: dict[str, torch.Tensor] = {}
+
+    def call(name: str) -> Callable[[], None]:
+        def run() -> None:
+            with amp():
+                images[name] = views[name].decode(codes, residual)
+        return run
+
+    # the first call of each view builds its decoder copy (and compiles it): at least one untimed round
+    timing = time_interleaved({name: call(name) for name in views}, device, max(cfg.ablate_warmup, 1),
+                              cfg.ablate_repeats)
+    tol, off = DECODE_TOLERANCE[cfg.dtype], timing["off"]
+    out: dict[str, Any] = {}
+    for name, what, _ in DECODER_VARIANTS:
+        on = timing[name]
+        diff = float((images[name] - images["off"]).abs().max())
+        out[name] = {"optimisation": what, "phase": "decode", "off_s": off["median"], "on_s": on["median"],
+                     "speedup": off["median"] / on["median"], "same_images": diff <= tol, "max_abs_diff": diff,
+                     "tolerance": tol, "timing": on, "off_timing": off}
     return out
 
 
@@ -177,7 +239,9 @@ def _environment(cfg: BenchmarkConfig, device: torch.device) -> dict[str, Any]:
             "torch_version": torch.__version__, "python_version": platform.python_version(),
             "threads": torch.get_num_threads(), "cpu_count": os.cpu_count(),
             "allow_tf32": bool(torch.backends.cuda.matmul.allow_tf32), "malloc_keep": cfg.malloc_keep,
-            "compile": cfg.compile, "load_average_start": list(os.getloadavg()),
+            "compile": cfg.compile, "compile_mode": cfg.compile_mode if cfg.compile else None,
+            "decoder_path": {"channels_last": cfg.decoder_channels_last, "fuse_norms": cfg.decoder_fuse_norms},
+            "load_average_start": list(os.getloadavg()),
             "config": to_container(cfg)}
 
 
@@ -224,7 +288,7 @@ def run_benchmark(cfg: BenchmarkConfig, log: Callable[[str], None] = print) -> d
         return call
 
     if cfg.compile:
-        gen.compile(dynamic=False, backend=cfg.compile_backend)
+        pipe.compile(mode=cfg.compile_mode, backend=cfg.compile_backend, decoder=cfg.compile_decoder)
         start = time.perf_counter()
         whole(p1)()
         sync(device)
@@ -249,7 +313,7 @@ def run_benchmark(cfg: BenchmarkConfig, log: Callable[[str], None] = print) -> d
         result["transformer_flops_per_s"] = tf
         result["transformer_fraction_of_peak"] = tf / mm["flops_per_s"]
     if cfg.ablate:
-        log("ablation: transformer phase with each optimisation off")
+        log("ablation: transformer phase with each optimisation off, decode phase with each decoder option on")
         result["ablation"] = _ablation(pipe, cfg, s, device, amp)
     if cfg.train:
         log(f"training: batch {cfg.train_batch}, 1 counted + {cfg.train_warmup} warm-up + {cfg.train_repeats} steps")

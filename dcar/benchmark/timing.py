@@ -3,6 +3,7 @@
 * :func:`time_calls`: warm-up calls, then timed repeats, each bracketed by a device synchronisation
   (``torch.cuda.synchronize`` on a GPU); statistics with the median first (EVAL_PROTOCOLS 4.3 asks for the mean,
   which is reported too; the median is what the summary uses, as it resists the stragglers of a shared machine).
+  :func:`time_interleaved` does the same for several functions in round-robin (A/B comparisons).
 * :func:`flop_counter`: ``torch.utils.flop_counter.FlopCounterMode`` plus formulas for the CPU's fused attention
   kernels (``_scaled_dot_product_flash_attention_for_cpu`` and its backward), which the stock registry lacks, so
   a CPU count equals a GPU count of the same call. FLOPs are those of matmuls, convolutions and attention
@@ -28,7 +29,7 @@ import torch
 from torch.utils.flop_counter import FlopCounterMode, sdpa_backward_flop_count, sdpa_flop_count
 
 __all__ = ["cpu_name", "device_name", "flop_counter", "keep_freed_memory", "matmul_rate", "peak_memory",
-           "reset_peak_memory", "stats", "sync", "time_calls"]
+           "reset_peak_memory", "stats", "sync", "time_calls", "time_interleaved"]
 
 
 def sync(device: torch.device) -> None:
@@ -56,6 +57,24 @@ def time_calls(fn: Callable[[], Any], device: torch.device, warmup: int, repeats
         sync(device)
         seconds.append(time.perf_counter() - start)
     return {**stats(seconds), "warmup": warmup, "all": seconds}
+
+
+def time_interleaved(fns: dict[str, Callable[[], Any]], device: torch.device, warmup: int,
+                     repeats: int) -> dict[str, dict[str, Any]]:
+    """:func:`time_calls` for several functions in round-robin (``warmup`` untimed rounds, then ``repeats`` timed
+    ones, each call synchronised before and after), so that a load change on a shared machine hits each alike."""
+    for _ in range(warmup):
+        for fn in fns.values():
+            fn()
+    seconds: dict[str, list[float]] = {name: [] for name in fns}
+    for _ in range(repeats):
+        for name, fn in fns.items():
+            sync(device)
+            start = time.perf_counter()
+            fn()
+            sync(device)
+            seconds[name].append(time.perf_counter() - start)
+    return {name: {**stats(s), "warmup": warmup, "all": s} for name, s in seconds.items()}
 
 
 # ---- FLOPs ------------------------------------------------------------------------------------------------------

@@ -18,6 +18,7 @@ statistics while it trains, and a frozen decoder (or ``model.eval()``) uses the 
 
 from __future__ import annotations
 
+from collections.abc import Callable
 from dataclasses import dataclass
 from typing import TYPE_CHECKING, Literal
 
@@ -124,20 +125,25 @@ class DCHT(nn.Module, HubMixin):
         q = self.quantizer(z)
         return TokenizerOutput(z=z, zq=q.zq, indices=q.indices, residual=z - q.zq, vq_loss=q.loss, stats=q.stats)
 
-    def decode(self, latent: Tensor) -> Tensor:
-        """Decode a latent map (``z``, ``zq`` or ``zq + residual``) to images (roughly in [-1, 1], not clamped)."""
-        return self.decoder(latent)
+    def decode(self, latent: Tensor, decoder: Callable[[Tensor], Tensor] | None = None) -> Tensor:
+        """Decode a latent map (``z``, ``zq`` or ``zq + residual``) to images (roughly in [-1, 1], not clamped).
+
+        ``decoder``: another module to run instead of ``self.decoder`` (e.g. an inference copy from
+        :func:`~dcar.models.tokenizer.fast_decoder.build_inference_decoder`)."""
+        return (self.decoder if decoder is None else decoder)(latent)
 
     def indices_to_latent(self, indices: Tensor) -> Tensor:
         """Codebook vectors of token ids (B, h, w) as a latent map (B, C, h, w)."""
         return self.quantizer.lookup(indices)
 
-    def decode_indices(self, indices: Tensor, residual: Tensor | None = None) -> Tensor:
-        """Decode token ids (B, h, w), adding the continuous ``residual`` (B, C, h, w) to the codes if given."""
+    def decode_indices(self, indices: Tensor, residual: Tensor | None = None,
+                       decoder: Callable[[Tensor], Tensor] | None = None) -> Tensor:
+        """Decode token ids (B, h, w), adding the continuous ``residual`` (B, C, h, w) to the codes if given
+        (``decoder``: as in :meth:`decode`)."""
         latent = self.indices_to_latent(indices)
         if residual is not None:
             latent = latent + residual.to(latent.dtype)
-        return self.decode(latent)
+        return self.decode(latent, decoder)
 
     def forward(
         self, images: Tensor, path: Literal["continuous", "discrete"] = "continuous"
