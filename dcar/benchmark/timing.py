@@ -46,17 +46,7 @@ def stats(seconds: list[float]) -> dict[str, Any]:
 
 def time_calls(fn: Callable[[], Any], device: torch.device, warmup: int, repeats: int) -> dict[str, Any]:
     """``warmup`` untimed calls, then ``repeats`` timed ones (synchronised before and after each)."""
-    for _ in range(warmup):
-        fn()
-    sync(device)
-    seconds = []
-    for _ in range(repeats):
-        sync(device)
-        start = time.perf_counter()
-        fn()
-        sync(device)
-        seconds.append(time.perf_counter() - start)
-    return {**stats(seconds), "warmup": warmup, "all": seconds}
+    return time_interleaved({"fn": fn}, device, warmup, repeats)["fn"]
 
 
 def time_interleaved(fns: dict[str, Callable[[], Any]], device: torch.device, warmup: int,
