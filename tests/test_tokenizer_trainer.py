@@ -115,7 +115,15 @@ def test_kmeans_codebook_init_on_init_from(tmp_path):
     assert tok_small.quantizer.embedding.weight.shape == (16, 32)
     warm = load_file(str(tmp_path / "warmup" / "final" / "model.safetensors"))
     assert torch.equal(tok_small.encoder.conv_in.conv.weight, warm["encoder.conv_in.conv.weight"])
-    with pytest.raises(RuntimeError, match="size mismatch"):  # keeping the codebook needs the same size
+    # the same from a training checkpoint (HybridStep keys) instead of a save_pretrained folder
+    from_ckpt = _trainer(_cfg(tmp_path, "km16c", f"init_from={tmp_path / 'warmup' / 'checkpoints' / 'step_00000004'}",
+                              "stage=discrete", "train.steps=1", "codebook_init=kmeans", "codebook_init_images=64",
+                              "model.quantizer.codebook_size=16"))
+    from_ckpt.setup()
+    tok_c = from_ckpt.unwrap("model").tokenizer
+    assert tok_c.quantizer.embedding.weight.shape == (16, 32)
+    assert torch.equal(tok_c.encoder.conv_in.conv.weight, warm["encoder.conv_in.conv.weight"])
+    with pytest.raises(RuntimeError, match="mismatched shapes quantizer.embedding.weight"):  # keeping it: same size
         _trainer(_cfg(tmp_path, "keep16", *init, "codebook_init=keep", "model.quantizer.codebook_size=16")).setup()
 
 

@@ -167,19 +167,26 @@ def read_meta(path: str | Path) -> dict[str, Any]:
     return json.loads((path / META).read_text())
 
 
-def load_module(module: nn.Module, file: str | Path, *, strict: bool = True) -> None:
-    """Load a safetensors file into ``module``; a mismatch lists the missing/unexpected/mis-shaped keys."""
+def load_module(module: nn.Module, file: str | Path, *, strict: bool = True, skip: tuple[str, ...] = ()) -> None:
+    """Load a safetensors file into ``module``; a mismatch lists the missing/unexpected/mis-shaped keys. Keys that
+    start with a prefix in ``skip`` are neither loaded nor checked (the module keeps its own values)."""
     from safetensors import safe_open
+    from safetensors.torch import load_file
 
-    own = module.state_dict()
+    own = {k: v for k, v in module.state_dict().items() if not k.startswith(skip)}
     with safe_open(str(file), framework="pt") as f:
-        shapes = {k: tuple(f.get_slice(k).get_shape()) for k in f.keys()}  # noqa: SIM118 - a safe_open handle
+        shapes = {k: tuple(f.get_slice(k).get_shape()) for k in f.keys() if not k.startswith(skip)}  # noqa: SIM118
     common = sorted(set(shapes) & set(own))
     wrong = {k: (shapes[k], tuple(own[k].shape)) for k in common if shapes[k] != tuple(own[k].shape)}
     if wrong:
         lines = ", ".join(f"{k}: file {a} vs model {b}" for k, a, b in ((k, *v) for k, v in sorted(wrong.items())))
         raise CheckpointError(f"{file} does not fit {type(module).__name__}: mismatched shapes {lines}")
-    missing, unexpected = load_model(module, str(file), strict=False)
+    if skip:
+        state = {k: v for k, v in load_file(str(file)).items() if not k.startswith(skip)}
+        missing, unexpected = module.load_state_dict(state, strict=False)
+        missing = [k for k in missing if not k.startswith(skip)]
+    else:
+        missing, unexpected = load_model(module, str(file), strict=False)
     if strict and (missing or unexpected):
         raise CheckpointError(
             f"{file} does not fit {type(module).__name__}: missing keys {sorted(missing)}, "

@@ -30,6 +30,7 @@ from dcar.data.build import build_dataset
 from dcar.data.collate import collate
 from dcar.losses.tokenizer_loss import TokenizerLoss, TokenizerLossConfig, check_loss_assets
 from dcar.models.tokenizer import DCHT, DCHTConfig
+from dcar.train import checkpoint as ckpt
 from dcar.train.logging import save_image_grid
 from dcar.train.optim import build_optimizer
 from dcar.train.trainer import Trainer
@@ -124,17 +125,16 @@ class TokenizerTrainer(Trainer):
 
     def load_init(self, path: str) -> None:
         """``init_from``: a DC-HT ``save_pretrained`` folder (a previous stage's ``final/``) or a checkpoint."""
-        tokenizer = self.unwrap("model").tokenizer
         path_ = Path(path)
+        file = path_ / "model.safetensors"
+        if not file.is_file():
+            super().load_init(path)  # raises the shared error that names what init_from expects
+        step = self.unwrap("model")
+        # a save_pretrained folder (with config.json) holds DCHT keys, a checkpoint HybridStep's ("tokenizer." + ...)
+        module, prefix = (step.tokenizer, "") if (path_ / "config.json").is_file() else (step, "tokenizer.")
+        # with k-means the codebook is rebuilt below: the file's quantiser state (any codebook size) is not loaded
         reinit_codebook = self.cfg.codebook_init == "kmeans" and self.spec.train_quantizer
-        if (path_ / "model.safetensors").is_file() and (path_ / "config.json").is_file():
-            state = DCHT.from_pretrained(path_).state_dict()
-            if reinit_codebook:  # the codebook is rebuilt below; any size may be loaded from
-                state = {k: v for k, v in state.items() if not k.startswith("quantizer.")}
-                state.update({k: v for k, v in tokenizer.state_dict().items() if k.startswith("quantizer.")})
-            tokenizer.load_state_dict(state)
-        else:
-            super().load_init(path)
+        ckpt.load_module(module, file, skip=(f"{prefix}quantizer.",) if reinit_codebook else ())
         if reinit_codebook:
             self.init_codebook_kmeans()
 
