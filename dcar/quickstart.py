@@ -203,7 +203,8 @@ class Quickstart:
         from dcar.data.shapes import ShapesDataset
 
         return ShapesDataset(split, self.resolution, size=n, seed=self.cfg.seed,
-                             max_objects=self.data_config.shapes.max_objects, grid=self.data_config.shapes.grid)
+                             max_objects=self.data_config.shapes.max_objects, grid=self.data_config.shapes.grid,
+                             align=self.data_config.shapes.align)
 
     def heldout(self, n: int):
         return self.shapes("heldout", n)

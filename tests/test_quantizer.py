@@ -177,3 +177,46 @@ def test_kmeans_recovers_clusters_and_is_deterministic():
     assert few.shape == (5, 4) and torch.cdist(few, x[:3]).min(1).values.max() < 1e-5
     with pytest.raises(ValueError, match="non-empty"):
         kmeans(torch.empty(0, 4), 2)
+
+
+def test_find_synonyms_merges_pure_codes_with_the_same_patch():
+    from dcar.models.tokenizer.synonyms import find_synonyms, patchify
+
+    white, red, blue = torch.ones(12), torch.tensor([1.0, -1, -1] * 4), torch.tensor([-1.0, -1, 1] * 4)
+    # codes 2, 5, 7 only ever quantise white patches (7 the most often), 1 and 4 red ones; code 3 covers white and
+    # blue (impure); code 6 blue; code 0 is unused
+    rows = [(2, white), (5, white), (7, white), (7, white), (7, white), (1, red), (4, red), (4, red),
+            (3, white), (3, blue), (6, blue)]
+    indices = torch.tensor([c for c, _ in rows])
+    patches = torch.stack([p for _, p in rows])
+    code_map = find_synonyms(indices, patches, 8)
+    assert code_map.tolist() == [0, 4, 7, 3, 4, 7, 6, 7]
+    # a tolerance: a slightly darker white joins the group only when it is within tol
+    near = torch.cat([patches, (white - 0.05)[None]])
+    assert find_synonyms(torch.cat([indices, torch.tensor([0])]), near, 8, tol=0.02)[0] == 0
+    assert find_synonyms(torch.cat([indices, torch.tensor([0])]), near, 8, tol=0.1)[0] == 7
+    with pytest.raises(ValueError, match="expected indices"):
+        find_synonyms(indices[:3], patches, 8)
+    images = torch.arange(2 * 3 * 4 * 4, dtype=torch.float32).reshape(2, 3, 4, 4)
+    p = patchify(images, 2)  # token (b, i, j) of a (2, 2, 2) index map is row b * 4 + i * 2 + j
+    assert p.shape == (8, 12) and torch.equal(p[3], images[0, :, 2:4, 2:4].reshape(-1))
+    assert torch.equal(p[4], images[1, :, 0:2, 0:2].reshape(-1))
+    with pytest.raises(ValueError, match="not a multiple"):
+        patchify(images, 3)
+
+
+def test_code_map_redirects_emitted_indices_and_loads_old_files():
+    q = VectorQuantizer(QuantizerConfig(codebook_size=8, dim=4, chunk_size=3)).eval()
+    z = torch.randn(2, 4, 3, 3)
+    plain = q(z)
+    q.code_map[:] = torch.tensor([0, 0, 2, 2, 4, 4, 6, 6])
+    out = q(z)
+    assert q.merged and torch.equal(out.indices, q.code_map[plain.indices])
+    torch.testing.assert_close(out.zq, q.lookup(out.indices))
+    state = {k: v for k, v in q.state_dict().items() if k != "code_map"}  # a file written before code_map existed
+    fresh = VectorQuantizer(QuantizerConfig(codebook_size=8, dim=4))
+    fresh.code_map[:] = 0
+    fresh.load_state_dict(state)
+    assert torch.equal(fresh.code_map, torch.arange(8)) and not fresh.merged
+    fresh.load_state_dict(q.state_dict())
+    assert torch.equal(fresh.code_map, q.code_map)

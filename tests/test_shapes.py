@@ -221,6 +221,46 @@ def test_grid_layout_dataset() -> None:
             ShapesDataset(resolution=128, grid=bad)
 
 
+@pytest.mark.parametrize("grid", [0, 16])
+def test_token_aligned_layout(grid: int) -> None:
+    """align=32: every box starts on the 32-px token grid (unless pushed back inside the canvas), boxes keep the gap,
+    relations still hold, captions (specs) are those of the unaligned dataset, and the layout is deterministic."""
+    r, n = 128, 300
+    aligned = ShapesDataset(size=n, resolution=r, grid=grid, align=32)
+    plain = ShapesDataset(size=n, resolution=r, grid=grid)
+    _, gap = layout_params(r)
+    for i in range(n):
+        scene = aligned.scene(i)
+        assert scene.caption == plain.scene(i).caption and scene == aligned.scene(i)
+        boxes = [o.box for o in scene.objects]
+        for x0, y0, x1, y1 in boxes:
+            assert 0 <= x0 < x1 <= r and 0 <= y0 < y1 <= r
+            assert (x0 % 32 == 0 or x1 == r) and (y0 % 32 == 0 or y1 == r)
+        for a, b in itertools.combinations(boxes, 2):
+            assert a[2] + gap <= b[0] or b[2] + gap <= a[0] or a[3] + gap <= b[1] or b[3] + gap <= a[1]
+        if scene.kind == "relation":
+            assert relation_holds(scene.objects[0].center, scene.objects[1].center, scene.relation)
+    # most boxes really are on the grid (not only pushed against the canvas edge)
+    assert sum(o.box[0] % 32 == 0 for i in range(n) for o in aligned.scene(i).objects) > 0.8 * sum(
+        len(aligned.scene(i).objects) for i in range(n))
+    held = ShapesDataset("heldout", size=50, resolution=r, grid=grid, align=32)
+    assert all(caption_split(held[i]["caption"], 0) == "heldout" for i in range(50))
+    for bad in (3, 24, 48):
+        with pytest.raises(ValueError, match="align must be"):
+            ShapesDataset(resolution=r, align=bad)
+
+
+def test_align_from_config() -> None:
+    from dcar.config import load_config
+    from dcar.data.build import build_dataset
+    from dcar.train.tokenizer import TokenizerTrainConfig
+
+    root = __import__("pathlib").Path(__file__).resolve().parents[1]
+    cfg = load_config(TokenizerTrainConfig, [f"config={root}/configs/tokenizer/shapes.yaml", "data.shapes.align=32"])
+    ds = build_dataset(cfg.data, "train")
+    assert ds.align == 32 and ds.scene(0) == ShapesDataset(size=1, resolution=128, grid=16, align=32).scene(0)
+
+
 def test_other_backgrounds() -> None:
     ds = ShapesDataset(size=4, background="black")
     img = ds[0]["image"]

@@ -156,3 +156,38 @@ def test_cli_rejects_bad_config_before_building(tmp_path, arg, message):
     assert proc.returncode == 2
     assert message in proc.stderr and "Traceback" not in proc.stderr
     assert not run.exists()  # nothing was built or written
+
+
+def test_merge_codes_at_alternate_start(tmp_path):
+    """merge_codes maps synonym codes (same patch) to one index before the alternate stage trains the decoder; the
+    map is the one find_synonyms gives on those images, survives training and save/load, and z = zq + residual."""
+    from dcar.models.tokenizer import DCHT
+    from dcar.models.tokenizer.synonyms import find_synonyms, patchify
+
+    data = ["data.shapes.align=32", "data.shapes.grid=16"]
+    _train(_cfg(tmp_path, "warmup", "stage=warmup", "train.steps=4", "train.ckpt_every=4", *data))
+    _train(_cfg(tmp_path, "discrete", "stage=discrete", "train.steps=2", "train.ckpt_every=2", "codebook_init=kmeans",
+                f"init_from={tmp_path / 'warmup' / 'final'}", *data))
+    init = [f"init_from={tmp_path / 'discrete' / 'final'}", "stage=alternate", "train.steps=3", "train.ckpt_every=3",
+            *data]
+    plain = _trainer(_cfg(tmp_path, "plain", *init))
+    plain.setup()
+    assert not plain.unwrap("model").tokenizer.quantizer.merged
+    merged = _trainer(_cfg(tmp_path, "merged", *init, "merge_codes=true", "merge_codes_images=64"))
+    merged.setup()
+    quantizer = merged.unwrap("model").tokenizer.quantizer
+    code_map = quantizer.code_map.clone()
+    assert quantizer.merged and torch.equal(code_map[code_map], code_map)  # canonical codes map to themselves
+    images = torch.stack([merged.dataset[i]["image"] for i in range(64)])  # the images the merge saw
+    tok = merged.unwrap("model").tokenizer
+    with torch.no_grad():
+        z = tok.encoder(images)
+        nearest = quantizer.nearest_indices(z.permute(0, 2, 3, 1).reshape(-1, 32))
+    assert torch.equal(code_map, find_synonyms(nearest, patchify(images, 32), quantizer.codebook_size, 0.02))
+    merged.fit()
+    final = DCHT.from_pretrained(tmp_path / "merged" / "final").eval()
+    assert torch.equal(final.quantizer.code_map, code_map)
+    with torch.no_grad():
+        out = final.encode(images[:8])
+    assert torch.equal(out.indices.flatten(), code_map[nearest[: out.indices.numel()]])
+    torch.testing.assert_close(out.zq + out.residual, out.z, rtol=0, atol=1e-6)

@@ -41,6 +41,7 @@ from dcar.data.shapes_scene import (
     ShapeObject,
     all_specs,
     caption_split,
+    check_align,
     check_grid,
     layout_params,
     layout_spec,
@@ -69,6 +70,7 @@ __all__ = [
     "ShapesDataset",
     "all_specs",
     "caption_split",
+    "check_align",
     "check_grid",
     "layout_params",
     "layout_spec",
@@ -145,6 +147,7 @@ class ShapesDataset(Dataset):
         max_objects: int = 4,
         background: str | tuple[int, int, int] = "white",
         grid: int = 0,
+        align: int = 0,
     ) -> None:
         if split not in SPLITS:
             raise ValueError(f"split must be one of {SPLITS}, got {split!r}")
@@ -161,6 +164,8 @@ class ShapesDataset(Dataset):
         self.max_objects = int(max_objects)
         self.grid = int(grid)
         check_grid(self.grid, self.resolution)
+        self.align = int(align)
+        check_align(self.align, self.resolution)
         self.background = resolve_background(background)
         if min(np.linalg.norm(np.subtract(c, self.background)) for c in COLORS.values()) < 100:
             raise ValueError(f"background {self.background} is too close to a palette colour")
@@ -184,7 +189,7 @@ class ShapesDataset(Dataset):
         for _ in range(_MAX_SPLIT_TRIES):
             spec = sample_spec(rng, self.max_objects, composable_only=composable)
             if caption_split(spec, self.seed) == self.split:
-                return layout_spec(rng, spec, self.resolution, self.grid)
+                return layout_spec(rng, spec, self.resolution, self.grid, self.align)
         raise RuntimeError(f"no {self.split} scene found for seed {self.seed}")
 
     def __getitem__(self, i: int) -> dict[str, Any]:

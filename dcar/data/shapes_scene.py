@@ -301,16 +301,24 @@ def _layout_count(rng: np.random.Generator, n: int, r: int) -> list[tuple[int, i
         s = max(s_min, 2 * int(s * 0.9 / 2) + 1)  # at s_min, n <= 4 boxes cover < 15% of the canvas
 
 
-def layout_spec(rng: np.random.Generator, spec: SceneSpec, resolution: int, grid: int = 0) -> Scene:
+def layout_spec(rng: np.random.Generator, spec: SceneSpec, resolution: int, grid: int = 0, align: int = 0) -> Scene:
     """Place the objects of ``spec`` on a ``resolution`` canvas and return the full :class:`Scene`.
 
     ``grid=0`` places boxes at any pixel. ``grid=G`` lays the scene out on a ``G x G`` canvas of cells (same rules,
     cell units) and scales it: a box of ``k`` cells starts on a cell boundary and has side ``k * cell`` (minus one
     pixel when that is even, so every shape keeps a centre pixel), ``cell = resolution / G``. Snapped layouts have
-    far fewer distinct token patches, which is what lets a 32x-compressed discrete tokenizer represent them."""
+    far fewer distinct token patches, which is what lets a 32x-compressed discrete tokenizer represent them.
+
+    ``align=A`` (pixels, e.g. the tokenizer's 32-px patch) also moves every box's top-left corner to the nearest
+    multiple of ``A`` (kept inside the canvas; the canvas margin is dropped): token-aligned layouts, so an object's
+    edges meet token boundaries and a token holds one of few patches. Box sizes, the gap between boxes and the
+    relation rule are kept; a layout that breaks them after snapping is redrawn (see :func:`_align_layout`)."""
     r = int(resolution)
     if not 16 <= r <= 4096:  # designed and tested for 64..512
         raise ValueError(f"resolution {resolution} out of range")
+    if align:
+        check_align(align, r)
+        return _align_layout(rng, spec, r, grid, align)
     if grid:
         check_grid(grid, r)
         coarse = layout_spec(rng, spec, grid)
@@ -333,6 +341,46 @@ def layout_spec(rng: np.random.Generator, spec: SceneSpec, resolution: int, grid
     return Scene(objects=objects, caption=spec.caption, kind=spec.kind, relation=spec.relation, resolution=r)
 
 
+_ALIGN_TRIES = 256
+
+
+def _align_layout(rng: np.random.Generator, spec: SceneSpec, r: int, grid: int, align: int) -> Scene:
+    """Lay out with ``layout_spec(..., grid)``, snap the boxes to multiples of ``align``; redraw until the snapped
+    boxes keep ``gap`` pixels between them and the relation still holds (deterministic given ``rng``)."""
+    _, gap = layout_params(r)
+    for _ in range(_ALIGN_TRIES):
+        scene = layout_spec(rng, spec, r, grid)
+        objects = []
+        for o in scene.objects:
+            side = o.box[2] - o.box[0]
+            x, y = (min(max(0, round(v / align) * align), r - side) for v in o.box[:2])
+            objects.append(ShapeObject(o.color, o.shape, (x, y, x + side, y + side)))
+        if not _boxes_apart([o.box for o in objects], gap):
+            continue
+        rel = scene.relation
+        if rel is not None and not relation_holds(objects[0].center, objects[1].center, rel):
+            continue
+        return Scene(objects=tuple(objects), caption=scene.caption, kind=scene.kind, relation=scene.relation,
+                     resolution=r)
+    raise RuntimeError(f"no {align}-px aligned layout found for {spec.caption!r} at {r} px in {_ALIGN_TRIES} tries")
+
+
+def _boxes_apart(boxes: list[tuple[int, int, int, int]], gap: int) -> bool:
+    """Whether every pair of boxes is at least ``gap`` pixels apart along x or y."""
+    for i, a in enumerate(boxes):
+        for b in boxes[i + 1:]:
+            if not (a[2] + gap <= b[0] or b[2] + gap <= a[0] or a[3] + gap <= b[1] or b[3] + gap <= a[1]):
+                return False
+    return True
+
+
+def check_align(align: int, resolution: int) -> None:
+    """``ValueError`` unless ``align`` is 0 (no snapping) or at least 4 pixels dividing ``resolution``."""
+    if align and (align < 4 or resolution % align):
+        raise ValueError(f"align must be 0 or >= 4 pixels dividing the resolution; got align={align}, "
+                         f"resolution={resolution}")
+
+
 def check_grid(grid: int, resolution: int) -> None:
     """``ValueError`` unless ``grid`` is 0 (free layout) or at least 16 cells dividing ``resolution``."""
     if grid and (grid < 16 or resolution % grid):
@@ -346,9 +394,10 @@ def _scale_box(box: tuple[int, int, int, int], cell: int) -> tuple[int, int, int
     return x0, y0, x0 + side, y0 + side
 
 
-def sample_scene(rng: np.random.Generator, resolution: int, max_objects: int = 4, grid: int = 0) -> Scene:
-    """Draw a random scene (spec then layout, see :func:`layout_spec` for ``grid``) for a square canvas."""
-    return layout_spec(rng, sample_spec(rng, max_objects), resolution, grid)
+def sample_scene(rng: np.random.Generator, resolution: int, max_objects: int = 4, grid: int = 0,
+                 align: int = 0) -> Scene:
+    """Draw a random scene (spec then layout, see :func:`layout_spec` for ``grid`` and ``align``)."""
+    return layout_spec(rng, sample_spec(rng, max_objects), resolution, grid, align)
 
 
 def relation_holds(a: tuple[float, float], b: tuple[float, float], relation: str) -> bool:

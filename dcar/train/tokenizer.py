@@ -68,6 +68,12 @@ class TokenizerTrainConfig(TrainConfig):
     codebook_init: str = choice("keep", "keep", "kmeans")
     codebook_init_images: int = 1024
     codebook_init_iters: int = 20
+    # Synonym merging when the alternate stage starts from ``init_from`` (not on resume): codes that only ever stand
+    # for the same patch (within merge_codes_tol, pixels in [-1, 1]) on the first ``merge_codes_images`` training
+    # images are mapped to one canonical code (dcar.models.tokenizer.synonyms); the decoder then trains on those.
+    merge_codes: bool = False
+    merge_codes_images: int = 1024
+    merge_codes_tol: float = 0.02
 
 
 def mix_latents(z: torch.Tensor, zq: torch.Tensor, p_continuous: float) -> tuple[torch.Tensor, torch.Tensor]:
@@ -137,40 +143,73 @@ class TokenizerTrainer(Trainer):
         ckpt.load_module(module, file, skip=(f"{prefix}quantizer.",) if reinit_codebook else ())
         if reinit_codebook:
             self.init_codebook_kmeans()
+        if self.cfg.merge_codes and self.cfg.stage == "alternate":
+            self.merge_synonym_codes()
 
     @torch.no_grad()
-    def init_codebook_kmeans(self) -> None:
-        """Set the codebook to k-means centroids of encoder latents (see ``codebook_init``); identical on all ranks
-        (computed from the same images on every rank, then broadcast from rank 0 for bit-equality on GPUs)."""
+    def _encode_train_images(self, num_images: int) -> tuple[torch.Tensor, torch.Tensor]:
+        """(images, latents z) of the first ``num_images`` training images through the loaded encoder (eval mode);
+        the same images on every rank."""
         from torch.utils.data import DataLoader
 
-        from dcar.models.tokenizer.kmeans import kmeans
-
-        cfg, tokenizer = self.cfg, self.unwrap("model").tokenizer
+        tokenizer = self.unwrap("model").tokenizer
         was_training = tokenizer.training
         tokenizer.eval()
-        dataset = build_dataset(cfg.data, "train")
-        loader = DataLoader(dataset, batch_size=cfg.train.batch_size, collate_fn=collate, shuffle=False)
-        latents, seen = [], 0
+        loader = DataLoader(build_dataset(self.cfg.data, "train"), batch_size=self.cfg.train.batch_size,
+                            collate_fn=collate, shuffle=False)
+        images, latents, seen = [], [], 0
         for batch in loader:
             if "image" not in batch:
                 continue
-            z = tokenizer.encoder(batch["image"].to(self.device))
-            latents.append(z.permute(0, 2, 3, 1).reshape(-1, z.shape[1]).float())
-            seen += z.shape[0]
-            if seen >= cfg.codebook_init_images:
+            x = batch["image"].to(self.device)
+            images.append(x.cpu())
+            latents.append(tokenizer.encoder(x).float().cpu())
+            seen += x.shape[0]
+            if seen >= num_images:
                 break
-        gen = torch.Generator(device="cpu").manual_seed(cfg.seed)
-        centres = kmeans(torch.cat(latents).cpu(), tokenizer.quantizer.codebook_size, cfg.codebook_init_iters, gen)
-        weight = tokenizer.quantizer.embedding.weight
-        centres = centres.to(weight.device, weight.dtype)
-        if self.accelerator.num_processes > 1:
-            torch.distributed.broadcast(centres, src=0)
-        weight.data.copy_(centres)
-        tokenizer.quantizer.steps_since_used.zero_()
         tokenizer.train(was_training)
+        return torch.cat(images), torch.cat(latents)
+
+    def _broadcast(self, tensor: torch.Tensor) -> torch.Tensor:
+        """Rank 0's ``tensor`` on every rank (bit-equal state on GPUs, where kernels may differ in the last bit)."""
+        if self.accelerator.num_processes > 1:
+            torch.distributed.broadcast(tensor, src=0)
+        return tensor
+
+    @torch.no_grad()
+    def init_codebook_kmeans(self) -> None:
+        """Set the codebook to k-means centroids of encoder latents (see ``codebook_init``); identical on all
+        ranks."""
+        from dcar.models.tokenizer.kmeans import kmeans
+
+        cfg, quantizer = self.cfg, self.unwrap("model").tokenizer.quantizer
+        _, z = self._encode_train_images(cfg.codebook_init_images)
+        gen = torch.Generator(device="cpu").manual_seed(cfg.seed)
+        centres = kmeans(z.permute(0, 2, 3, 1).reshape(-1, z.shape[1]), quantizer.codebook_size,
+                         cfg.codebook_init_iters, gen)
+        weight = quantizer.embedding.weight
+        weight.data.copy_(self._broadcast(centres.to(weight.device, weight.dtype)))
+        quantizer.steps_since_used.zero_()
         if self.accelerator.is_main_process:
-            print(f"[dcar] codebook initialised by k-means on {seen} images ({centres.shape[0]} codes)")
+            print(f"[dcar] codebook initialised by k-means on {z.shape[0]} images ({centres.shape[0]} codes)")
+
+    @torch.no_grad()
+    def merge_synonym_codes(self) -> None:
+        """Map synonym codes to canonical ones (``merge_codes``; dcar.models.tokenizer.synonyms)."""
+        from dcar.models.tokenizer.synonyms import find_synonyms, patchify
+
+        cfg, tokenizer = self.cfg, self.unwrap("model").tokenizer
+        quantizer = tokenizer.quantizer
+        images, z = self._encode_train_images(cfg.merge_codes_images)
+        nearest = quantizer.nearest_indices(z.permute(0, 2, 3, 1).reshape(-1, z.shape[1]).to(self.device))
+        patch = images.shape[-1] // z.shape[-1]
+        code_map = find_synonyms(nearest.cpu(), patchify(images, patch), quantizer.codebook_size,
+                                 cfg.merge_codes_tol)
+        quantizer.code_map.copy_(self._broadcast(code_map.to(quantizer.code_map.device)))
+        if self.accelerator.is_main_process:
+            used = torch.unique(nearest).numel()
+            emitted = torch.unique(code_map[nearest.cpu()]).numel()
+            print(f"[dcar] merged synonym codes on {images.shape[0]} images: {used} codes in use -> {emitted}")
 
     def export_model(self) -> nn.Module:
         model = self.ema.shadow if self.ema is not None else self.unwrap("model")

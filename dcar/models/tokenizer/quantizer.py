@@ -64,7 +64,20 @@ class VectorQuantizer(nn.Module):
         # statistics, saved with the model: EMA of code frequencies and training steps since each code was last used
         self.register_buffer("usage_ema", torch.full((config.codebook_size,), 1.0 / config.codebook_size))
         self.register_buffer("steps_since_used", torch.zeros(config.codebook_size, dtype=torch.long))
+        # code_map[i]: the index emitted when code i is nearest (identity unless synonym codes were merged, see
+        # dcar.models.tokenizer.synonyms); saved with the model, identity when a file predates it
+        self.register_buffer("code_map", torch.arange(config.codebook_size))
         self.reset_parameters()
+
+    def _load_from_state_dict(self, state_dict, prefix, *args, **kwargs) -> None:  # type: ignore[no-untyped-def]
+        if prefix + "code_map" not in state_dict:  # files written before synonym merging existed: identity map
+            state_dict[prefix + "code_map"] = torch.arange(self.codebook_size)
+        super()._load_from_state_dict(state_dict, prefix, *args, **kwargs)
+
+    @property
+    def merged(self) -> bool:
+        """Whether some codes are mapped to another (synonym) code."""
+        return bool((self.code_map != torch.arange(self.codebook_size, device=self.code_map.device)).any())
 
     def reset_parameters(self) -> None:
         """Initialise the codebook: N(0, init_scale^2) or VAR/HART's ``eini<0`` uniform(+-init_scale/V)."""
@@ -101,7 +114,8 @@ class VectorQuantizer(nn.Module):
         if c != self.dim:
             raise ValueError(f"latent has {c} channels, the codebook dim is {self.dim}")
         flat = z.detach().permute(0, 2, 3, 1).reshape(-1, c)
-        indices = self.nearest_indices(flat)
+        nearest = self.nearest_indices(flat)
+        indices = self.code_map[nearest]
         zq = self.lookup(indices.view(b, h, w)).to(z.dtype)
         # HART: commitment beta * MSE(sg(zq), z) + codebook MSE(zq, sg(z)); straight-through zq = z + sg(zq - z)
         loss = self.beta * F.mse_loss(zq.detach(), z) + F.mse_loss(zq, z.detach())
@@ -112,6 +126,10 @@ class VectorQuantizer(nn.Module):
         if sync:
             dist.all_reduce(counts)
         stats = usage_stats(counts)
+        if self.training and self.merged:  # usage and restarts follow the searched codes, not the emitted ones
+            counts = torch.bincount(nearest, minlength=self.codebook_size)
+            if sync:
+                dist.all_reduce(counts)
         restarted = self._update_and_restart(counts, flat, sync) if self.training else 0
         stats["restarted"] = torch.tensor(float(restarted), device=z.device)
         return QuantizerOutput(zq=zq_st, indices=indices.view(b, h, w), loss=loss, stats=stats)
