@@ -204,7 +204,8 @@ class Quickstart:
 
         return ShapesDataset(split, self.resolution, size=n, seed=self.cfg.seed,
                              max_objects=self.data_config.shapes.max_objects, grid=self.data_config.shapes.grid,
-                             align=self.data_config.shapes.align)
+                             align=self.data_config.shapes.align,
+                             shadow=self.data_config.shapes.shadow)
 
     def heldout(self, n: int):
         return self.shapes("heldout", n)

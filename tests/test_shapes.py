@@ -27,6 +27,7 @@ from dcar.data.shapes import (
     render_array,
     render_scene,
     sample_scene,
+    shadow_alpha,
     shape_mask,
     spec_of,
     split_captions,
@@ -248,6 +249,32 @@ def test_token_aligned_layout(grid: int) -> None:
     for bad in (3, 24, 48):
         with pytest.raises(ValueError, match="align must be"):
             ShapesDataset(resolution=r, align=bad)
+
+
+def test_soft_shadows() -> None:
+    """shadow > 0 only darkens background pixels, by at most that fraction, below-right of the objects; objects keep
+    their exact palette colours; shadow=0 is the flat render; the detector still recovers every scene."""
+    from dcar.eval.shapes_detector import score_image
+
+    flat, shaded = (ShapesDataset(size=40, resolution=128, grid=16, align=32, shadow=s) for s in (0.0, 0.15))
+    for i in range(40):
+        scene = flat.scene(i)
+        a, b = render_array(scene), render_array(scene, shadow=0.15)
+        assert np.array_equal(a, ((flat[i]["image"].permute(1, 2, 0).numpy() + 1) * 127.5).round())
+        assert np.array_equal(b, ((shaded[i]["image"].permute(1, 2, 0).numpy() + 1) * 127.5).round())
+        on_object = (a != 255).any(-1)
+        assert np.array_equal(a[on_object], b[on_object])  # objects unshaded
+        bg = b[~on_object].astype(int)
+        assert bg.min() >= round(255 * 0.85) - 1 and (bg < 255).any()  # darkened by at most 15%, somewhere
+        ys, xs = np.nonzero((b != a).any(-1))
+        cy, cx = np.mean([o.center[1] for o in scene.objects]), np.mean([o.center[0] for o in scene.objects])
+        if len(scene.objects) == 1:
+            assert ys.mean() > cy and xs.mean() > cx  # the shadow falls right of and below the object
+        assert score_image(b, scene)["full"]
+    alpha = shadow_alpha(flat.scene(0))
+    assert alpha.shape == (128, 128) and 0.0 <= alpha.min() and alpha.max() <= 1.0 + 1e-6
+    with pytest.raises(ValueError, match="shadow must lie"):
+        ShapesDataset(shadow=0.8)
 
 
 def test_align_from_config() -> None:
