@@ -205,7 +205,8 @@ class Quickstart:
         return ShapesDataset(split, self.resolution, size=n, seed=self.cfg.seed,
                              max_objects=self.data_config.shapes.max_objects, grid=self.data_config.shapes.grid,
                              align=self.data_config.shapes.align,
-                             shadow=self.data_config.shapes.shadow)
+                             shadow=self.data_config.shapes.shadow,
+                             size_scale=self.data_config.shapes.size_scale)
 
     def heldout(self, n: int):
         return self.shapes("heldout", n)

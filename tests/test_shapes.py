@@ -277,6 +277,25 @@ def test_soft_shadows() -> None:
         ShapesDataset(shadow=0.8)
 
 
+def test_size_scale_puts_objects_in_one_token() -> None:
+    """size_scale=0.7 at 128 px (16-cell grid, 32-px alignment): every relation / count object is 23 px and lies
+    inside one token; captions are unchanged; out-of-range scales are refused."""
+    small = ShapesDataset(size=200, resolution=128, grid=16, align=32, size_scale=0.7)
+    full = ShapesDataset(size=200, resolution=128, grid=16, align=32)
+    sizes = []
+    for i in range(200):
+        scene = small.scene(i)
+        assert scene.caption == full.scene(i).caption
+        for o in scene.objects:
+            side = o.box[2] - o.box[0]
+            sizes.append(side)
+            if scene.kind != "single":
+                assert side == 23 and o.box[0] // 32 == (o.box[2] - 1) // 32 and o.box[1] // 32 == (o.box[3] - 1) // 32
+    assert max(sizes) < max(o.box[2] - o.box[0] for i in range(200) for o in full.scene(i).objects)
+    with pytest.raises(ValueError, match="size_scale must lie"):
+        ShapesDataset(size_scale=0.1)
+
+
 def test_align_from_config() -> None:
     from dcar.config import load_config
     from dcar.data.build import build_dataset

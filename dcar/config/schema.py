@@ -70,6 +70,7 @@ class ShapesConfig:
     grid: int = 0  # 0: objects at any pixel; G >= 16: boxes snapped to a G x G grid of cells (see layout_spec)
     align: int = 0  # 0: off; A: box corners at multiples of A pixels (A = 32: token-aligned for DC-HT; layout_spec)
     shadow: float = 0.0  # soft drop shadows darken the background by up to this fraction (dcar.data.shapes)
+    size_scale: float = 1.0  # multiplies the object size ranges (0.7: relation/count objects fit one 32-px token)
 
 
 @dataclass

@@ -15,7 +15,8 @@ def _shapes(cfg: DataConfig, split: str, rank: int, world_size: int) -> Dataset:
     size = cfg.shapes.size if split == "train" else cfg.shapes.heldout_size
     return ShapesDataset(split, cfg.resolution, size=size, seed=cfg.seed, max_objects=cfg.shapes.max_objects,
                          background=cfg.shapes.background, grid=cfg.shapes.grid,
-                         align=cfg.shapes.align, shadow=cfg.shapes.shadow)
+                         align=cfg.shapes.align, shadow=cfg.shapes.shadow,
+                         size_scale=cfg.shapes.size_scale)
 
 
 def _path(cfg: DataConfig, split: str) -> str:

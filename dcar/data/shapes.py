@@ -178,6 +178,7 @@ class ShapesDataset(Dataset):
         grid: int = 0,
         align: int = 0,
         shadow: float = 0.0,
+        size_scale: float = 1.0,
     ) -> None:
         if split not in SPLITS:
             raise ValueError(f"split must be one of {SPLITS}, got {split!r}")
@@ -200,6 +201,9 @@ class ShapesDataset(Dataset):
         if not 0.0 <= shadow <= 0.5:
             raise ValueError(f"shadow must lie in [0, 0.5] (the darkening of the background), got {shadow}")
         self.shadow = float(shadow)
+        if not 0.25 <= size_scale <= 1.0:
+            raise ValueError(f"size_scale must lie in [0.25, 1], got {size_scale}")
+        self.size_scale = float(size_scale)
         if min(np.linalg.norm(np.subtract(c, self.background)) for c in COLORS.values()) < 100:
             raise ValueError(f"background {self.background} is too close to a palette colour")
 
@@ -222,7 +226,7 @@ class ShapesDataset(Dataset):
         for _ in range(_MAX_SPLIT_TRIES):
             spec = sample_spec(rng, self.max_objects, composable_only=composable)
             if caption_split(spec, self.seed) == self.split:
-                return layout_spec(rng, spec, self.resolution, self.grid, self.align)
+                return layout_spec(rng, spec, self.resolution, self.grid, self.align, self.size_scale)
         raise RuntimeError(f"no {self.split} scene found for seed {self.seed}")
 
     def __getitem__(self, i: int) -> dict[str, Any]:

@@ -249,15 +249,15 @@ def layout_params(resolution: int) -> tuple[int, int]:
     return max(1, round(0.03 * resolution)), max(2, round(0.04 * resolution))
 
 
-def _odd_size(rng: np.random.Generator, kind: str, resolution: int) -> int:
-    lo, hi = _SIZE_RANGE[kind]
+def _odd_size(rng: np.random.Generator, kind: str, resolution: int, scale: float = 1.0) -> int:
+    lo, hi = (scale * v for v in _SIZE_RANGE[kind])
     return 2 * int((lo + (hi - lo) * rng.random()) * resolution / 2) + 1
 
 
-def _layout_relation(rng: np.random.Generator, rel: str, r: int) -> list[tuple[int, int, int, int]]:
+def _layout_relation(rng: np.random.Generator, rel: str, r: int, scale: float = 1.0) -> list[tuple[int, int, int, int]]:
     """Boxes (subject, reference) satisfying ``rel`` with a clear margin; built along the relation's axis."""
     margin, gap = layout_params(r)
-    s_a, s_b = _odd_size(rng, "relation", r), _odd_size(rng, "relation", r)
+    s_a, s_b = _odd_size(rng, "relation", r, scale), _odd_size(rng, "relation", r, scale)
     first_is_a = rel in ("left of", "above")  # the object nearer the origin along the axis
     s1, s2 = (s_a, s_b) if first_is_a else (s_b, s_a)
     slack = r - 2 * margin - s1 - s2 - gap
@@ -280,12 +280,12 @@ def _layout_relation(rng: np.random.Generator, rel: str, r: int) -> list[tuple[i
     return [b1, b2] if first_is_a else [b2, b1]
 
 
-def _layout_count(rng: np.random.Generator, n: int, r: int) -> list[tuple[int, int, int, int]]:
+def _layout_count(rng: np.random.Generator, n: int, r: int, scale: float = 1.0) -> list[tuple[int, int, int, int]]:
     """``n`` same-size boxes placed by sequential rejection sampling; shrinks the size (not below the family's
     minimum) and restarts when a box finds no free spot."""
     margin, gap = layout_params(r)
-    s = _odd_size(rng, "count", r)
-    s_min = 2 * int(_SIZE_RANGE["count"][0] * r / 2) + 1
+    s = _odd_size(rng, "count", r, scale)
+    s_min = 2 * int(scale * _SIZE_RANGE["count"][0] * r / 2) + 1
     while True:
         boxes: list[tuple[int, int, int, int]] = []
         for _ in range(n):
@@ -301,7 +301,8 @@ def _layout_count(rng: np.random.Generator, n: int, r: int) -> list[tuple[int, i
         s = max(s_min, 2 * int(s * 0.9 / 2) + 1)  # at s_min, n <= 4 boxes cover < 15% of the canvas
 
 
-def layout_spec(rng: np.random.Generator, spec: SceneSpec, resolution: int, grid: int = 0, align: int = 0) -> Scene:
+def layout_spec(rng: np.random.Generator, spec: SceneSpec, resolution: int, grid: int = 0, align: int = 0,
+                size_scale: float = 1.0) -> Scene:
     """Place the objects of ``spec`` on a ``resolution`` canvas and return the full :class:`Scene`.
 
     ``grid=0`` places boxes at any pixel. ``grid=G`` lays the scene out on a ``G x G`` canvas of cells (same rules,
@@ -312,30 +313,35 @@ def layout_spec(rng: np.random.Generator, spec: SceneSpec, resolution: int, grid
     ``align=A`` (pixels, e.g. the tokenizer's 32-px patch) also moves every box's top-left corner to the nearest
     multiple of ``A`` (kept inside the canvas; the canvas margin is dropped): token-aligned layouts, so an object's
     edges meet token boundaries and a token holds one of few patches. Box sizes, the gap between boxes and the
-    relation rule are kept; a layout that breaks them after snapping is redrawn (see :func:`_align_layout`)."""
+    relation rule are kept; a layout that breaks them after snapping is redrawn (see :func:`_align_layout`).
+
+    ``size_scale`` multiplies every family's size range (0.7 at 128 px on a 16-cell grid: every object of a
+    relation or count scene is 23 px, inside one 32-px token)."""
     r = int(resolution)
     if not 16 <= r <= 4096:  # designed and tested for 64..512
         raise ValueError(f"resolution {resolution} out of range")
+    if not 0.25 <= size_scale <= 1.0:
+        raise ValueError(f"size_scale must lie in [0.25, 1], got {size_scale}")
     if align:
         check_align(align, r)
-        return _align_layout(rng, spec, r, grid, align)
+        return _align_layout(rng, spec, r, grid, align, size_scale)
     if grid:
         check_grid(grid, r)
-        coarse = layout_spec(rng, spec, grid)
+        coarse = layout_spec(rng, spec, grid, size_scale=size_scale)
         cell = r // grid
         objects = tuple(ShapeObject(o.color, o.shape, _scale_box(o.box, cell)) for o in coarse.objects)
         return Scene(objects=objects, caption=spec.caption, kind=spec.kind, relation=spec.relation, resolution=r)
     if spec.kind == "single":
         margin, _ = layout_params(r)
-        s = _odd_size(rng, "single", r)
+        s = _odd_size(rng, "single", r, size_scale)
         x, y = rng.integers(margin, r - margin - s + 1, size=2).tolist()
         boxes = [(x, y, x + s, y + s)]
         items = list(spec.items)
     elif spec.kind == "relation":
-        boxes = _layout_relation(rng, spec.relation, r)  # type: ignore[arg-type]
+        boxes = _layout_relation(rng, spec.relation, r, size_scale)  # type: ignore[arg-type]
         items = list(spec.items)
     else:
-        boxes = _layout_count(rng, spec.count, r)
+        boxes = _layout_count(rng, spec.count, r, size_scale)
         items = [spec.items[0]] * spec.count
     objects = tuple(ShapeObject(c, sh, b) for (c, sh), b in zip(items, boxes, strict=True))
     return Scene(objects=objects, caption=spec.caption, kind=spec.kind, relation=spec.relation, resolution=r)
@@ -344,12 +350,13 @@ def layout_spec(rng: np.random.Generator, spec: SceneSpec, resolution: int, grid
 _ALIGN_TRIES = 256
 
 
-def _align_layout(rng: np.random.Generator, spec: SceneSpec, r: int, grid: int, align: int) -> Scene:
+def _align_layout(rng: np.random.Generator, spec: SceneSpec, r: int, grid: int, align: int,
+                  size_scale: float = 1.0) -> Scene:
     """Lay out with ``layout_spec(..., grid)``, snap the boxes to multiples of ``align``; redraw until the snapped
     boxes keep ``gap`` pixels between them and the relation still holds (deterministic given ``rng``)."""
     _, gap = layout_params(r)
     for _ in range(_ALIGN_TRIES):
-        scene = layout_spec(rng, spec, r, grid)
+        scene = layout_spec(rng, spec, r, grid, size_scale=size_scale)
         objects = []
         for o in scene.objects:
             side = o.box[2] - o.box[0]
@@ -395,9 +402,9 @@ def _scale_box(box: tuple[int, int, int, int], cell: int) -> tuple[int, int, int
 
 
 def sample_scene(rng: np.random.Generator, resolution: int, max_objects: int = 4, grid: int = 0,
-                 align: int = 0) -> Scene:
-    """Draw a random scene (spec then layout, see :func:`layout_spec` for ``grid`` and ``align``)."""
-    return layout_spec(rng, sample_spec(rng, max_objects), resolution, grid, align)
+                 align: int = 0, size_scale: float = 1.0) -> Scene:
+    """Draw a random scene (spec then layout, see :func:`layout_spec` for ``grid``, ``align``, ``size_scale``)."""
+    return layout_spec(rng, sample_spec(rng, max_objects), resolution, grid, align, size_scale)
 
 
 def relation_holds(a: tuple[float, float], b: tuple[float, float], relation: str) -> bool:
