@@ -206,7 +206,8 @@ class Quickstart:
                              max_objects=self.data_config.shapes.max_objects, grid=self.data_config.shapes.grid,
                              align=self.data_config.shapes.align,
                              shadow=self.data_config.shapes.shadow,
-                             size_scale=self.data_config.shapes.size_scale)
+                             size_scale=self.data_config.shapes.size_scale,
+                             exposure=self.data_config.shapes.exposure)
 
     def heldout(self, n: int):
         return self.shapes("heldout", n)

@@ -296,6 +296,29 @@ def test_size_scale_puts_objects_in_one_token() -> None:
         ShapesDataset(size_scale=0.1)
 
 
+def test_exposure_scales_each_image_by_its_own_factor() -> None:
+    """exposure=e multiplies image i by a factor in [1 - e, 1] that depends on i (deterministic), keeps the scene
+    and caption, and the detector still recovers every scene."""
+    from dcar.eval.shapes_detector import score_image
+
+    plain, lit = ShapesDataset(size=60, resolution=128), ShapesDataset(size=60, resolution=128, exposure=0.12)
+    gains = []
+    for i in range(60):
+        a, b = plain[i], lit[i]
+        assert a["caption"] == b["caption"] and a["scene"] == b["scene"]
+        x, y = (a["image"] + 1) * 127.5, (b["image"] + 1) * 127.5
+        gain = float(y.max() / x.max())
+        assert 0.88 - 1e-3 <= gain <= 1.0 + 1e-6
+        assert torch.allclose(y, torch.round(x * gain), atol=1.01)  # one factor for the whole image
+        assert torch.equal(b["image"], lit[i]["image"])
+        gains.append(gain)
+        assert score_image(((b["image"].permute(1, 2, 0) + 1) * 127.5).round().byte().numpy(),
+                           Scene.from_dict(b["scene"]))["full"]
+    assert max(gains) - min(gains) > 0.08  # factors differ between images
+    with pytest.raises(ValueError, match="exposure must lie"):
+        ShapesDataset(exposure=0.5)
+
+
 def test_align_from_config() -> None:
     from dcar.config import load_config
     from dcar.data.build import build_dataset

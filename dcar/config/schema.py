@@ -71,6 +71,7 @@ class ShapesConfig:
     align: int = 0  # 0: off; A: box corners at multiples of A pixels (A = 32: token-aligned for DC-HT; layout_spec)
     shadow: float = 0.0  # soft drop shadows darken the background by up to this fraction (dcar.data.shapes)
     size_scale: float = 1.0  # multiplies the object size ranges (0.7: relation/count objects fit one 32-px token)
+    exposure: float = 0.0  # each image is multiplied by its own factor in [1 - exposure, 1] (dcar.data.shapes)
 
 
 @dataclass

@@ -16,7 +16,7 @@ def _shapes(cfg: DataConfig, split: str, rank: int, world_size: int) -> Dataset:
     return ShapesDataset(split, cfg.resolution, size=size, seed=cfg.seed, max_objects=cfg.shapes.max_objects,
                          background=cfg.shapes.background, grid=cfg.shapes.grid,
                          align=cfg.shapes.align, shadow=cfg.shapes.shadow,
-                         size_scale=cfg.shapes.size_scale)
+                         size_scale=cfg.shapes.size_scale, exposure=cfg.shapes.exposure)
 
 
 def _path(cfg: DataConfig, split: str) -> str:

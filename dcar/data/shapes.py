@@ -11,7 +11,9 @@ Rendering is exact and alias-free by construction: each shape is a boolean mask 
 with its palette colour directly at the target resolution (no supersampling, no antialiasing), so every pixel is
 either the background or exactly one palette colour, at any resolution from 64 to 512 (objects scale with it; the
 smallest object is 11 px at 64 px). Optionally (``shadow`` > 0) the objects cast soft drop shadows on the background
-(:func:`shadow_alpha`); the objects themselves stay flat palette colours.
+(:func:`shadow_alpha`); the objects themselves stay flat palette colours. ``exposure`` > 0 multiplies each image by
+its own factor drawn uniformly in ``[1 - exposure, 1]`` (a global brightness the caption does not name: continuous
+variation that a discrete codebook does not hold, which is what DC-HT's continuous path is for).
 
 Determinism: sample ``i`` of a :class:`ShapesDataset` is a pure function of ``(seed, split, i, resolution,
 max_objects)`` (plus ``background`` for the pixels): a ``numpy`` Generator seeded with ``[seed, split_id, i]`` draws
@@ -179,6 +181,7 @@ class ShapesDataset(Dataset):
         align: int = 0,
         shadow: float = 0.0,
         size_scale: float = 1.0,
+        exposure: float = 0.0,
     ) -> None:
         if split not in SPLITS:
             raise ValueError(f"split must be one of {SPLITS}, got {split!r}")
@@ -204,6 +207,9 @@ class ShapesDataset(Dataset):
         if not 0.25 <= size_scale <= 1.0:
             raise ValueError(f"size_scale must lie in [0.25, 1], got {size_scale}")
         self.size_scale = float(size_scale)
+        if not 0.0 <= exposure <= 0.3:
+            raise ValueError(f"exposure must lie in [0, 0.3] (the largest darkening of an image), got {exposure}")
+        self.exposure = float(exposure)
         if min(np.linalg.norm(np.subtract(c, self.background)) for c in COLORS.values()) < 100:
             raise ValueError(f"background {self.background} is too close to a palette colour")
 
@@ -233,6 +239,9 @@ class ShapesDataset(Dataset):
         i = self._index(i)
         scene = self.scene(i)
         chw = _render_chw(scene, self.background, self.shadow).astype(np.float32)
+        if self.exposure > 0:  # global exposure of this image, from its own stream (the layout is unaffected)
+            gain = 1.0 - self.exposure * np.random.default_rng([self.seed, SPLITS.index(self.split), i, 1]).random()
+            chw = np.rint(chw * np.float32(gain))
         chw *= np.float32(1.0 / 127.5)
         chw -= np.float32(1.0)
         image = torch.from_numpy(chw)
