@@ -272,7 +272,7 @@ def test_soft_shadows() -> None:
             assert ys.mean() > cy and xs.mean() > cx  # the shadow falls right of and below the object
         assert score_image(b, scene)["full"]
     alpha = shadow_alpha(flat.scene(0))
-    assert alpha.shape == (128, 128) and 0.0 <= alpha.min() and alpha.max() <= 1.0 + 1e-6
+    assert alpha.shape == (128, 128) and alpha.min() >= 0.0 and alpha.max() <= 1.0 + 1e-6
     with pytest.raises(ValueError, match="shadow must lie"):
         ShapesDataset(shadow=0.8)
 
