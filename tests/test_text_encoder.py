@@ -107,3 +107,28 @@ def test_encoder_feeds_the_generator(encoder):
                      max_text_len=8, image_size=64, pos_base_size=2, head=HeadConfig(token_dim=4, width=16, depth=1))
     out = DCAR(cfg)(torch.randint(0, 17, (4, 2, 2)), states, mask, torch.tensor([False, True, False, False]))
     assert out.logits.shape == (4, 4, 16)
+
+
+def test_position_features_make_word_order_visible(tok_dir, encoder):
+    """A random T5 is nearly a bag of words; position_features adds sin-cos features of each real token's position
+    (padding untouched), so captions with swapped colour words become far apart."""
+    from dcar.models.generator.transformer import sincos_1d
+
+    ordered = TextEncoder(TextEncoderConfig(kind="t5-random", tokenizer_path=str(tok_dir), max_length=8,
+                                            t5_config=TINY_T5, position_features=True))
+    caps = ["a red circle above a blue square", "a blue circle above a red square"]
+    plain, mask = encoder.encode(caps)
+    with_pos, mask2 = ordered.encode(caps)
+    assert torch.equal(mask, mask2)
+    expected = plain + sincos_1d(torch.arange(8), 32).float()[None] * mask[..., None]
+    torch.testing.assert_close(with_pos, expected)
+    assert torch.equal(with_pos[~mask], plain[~mask])
+
+    def set_distance(states):  # mean distance of each token of caption 0 to its nearest token of caption 1
+        a, b = states[0][mask[0]], states[1][mask[1]]
+        return (torch.cdist(a, b).min(1).values.mean() / a.norm(dim=-1).mean()).item()
+
+    assert set_distance(plain) < 0.1  # the bag-of-words problem
+    assert set_distance(with_pos) > 2 * set_distance(plain)
+    with pytest.raises(ValueError, match="must be even"):
+        sincos_1d(torch.arange(3), 5)

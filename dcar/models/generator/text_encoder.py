@@ -148,6 +148,11 @@ class TextEncoder(nn.Module):
         )
         ids, mask = batch["input_ids"].to(device), batch["attention_mask"].to(device)
         states = self.model(input_ids=ids, attention_mask=mask).last_hidden_state
+        if self.config.position_features:  # see TextEncoderConfig: word order for a random stand-in encoder
+            from .transformer import sincos_1d
+
+            pos = sincos_1d(torch.arange(states.shape[1], device=device), states.shape[-1]).to(states.dtype)
+            states = states + pos[None] * mask[..., None].to(states.dtype)
         return states, mask.bool()
 
     def forward(self, captions: Sequence[str]) -> tuple[Tensor, Tensor]:

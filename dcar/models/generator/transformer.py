@@ -17,7 +17,7 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
 
-__all__ = ["CaptionProjection", "CrossAttention", "DCARBlock", "SelfAttention", "TextKV", "sincos_pos_embed_2d"]
+__all__ = ["CaptionProjection", "CrossAttention", "DCARBlock", "SelfAttention", "TextKV", "sincos_1d", "sincos_pos_embed_2d"]
 
 
 def sincos_pos_embed_2d(
@@ -33,15 +33,19 @@ def sincos_pos_embed_2d(
         raise ValueError(f"dim={dim} must be a multiple of 4")
     pos_h = torch.arange(h, dtype=torch.float64, device=device) / (h / base_size) / interpolation_scale
     pos_w = torch.arange(w, dtype=torch.float64, device=device) / (w / base_size) / interpolation_scale
-    omega = 1.0 / 10000.0 ** (torch.arange(dim // 4, dtype=torch.float64, device=device) / (dim / 4))
-
-    def axis(pos: Tensor) -> Tensor:
-        out = pos[:, None] * omega[None]
-        return torch.cat([torch.sin(out), torch.cos(out)], dim=1)
-
-    emb_w = axis(pos_w)[None, :, :].expand(h, w, dim // 2)
-    emb_h = axis(pos_h)[:, None, :].expand(h, w, dim // 2)
+    emb_w = sincos_1d(pos_w, dim // 2)[None, :, :].expand(h, w, dim // 2)
+    emb_h = sincos_1d(pos_h, dim // 2)[:, None, :].expand(h, w, dim // 2)
     return torch.cat([emb_w, emb_h], dim=-1).reshape(h * w, dim).float()
+
+
+def sincos_1d(pos: Tensor, dim: int) -> Tensor:
+    """Sin-cos features (N, dim) float64 of positions ``pos`` (N,): ``[sin(pos * omega_k), cos(pos * omega_k)]``,
+    ``omega_k = 10000^(-k / (dim/2))``, ``k < dim/2`` (the transformer / MAE form)."""
+    if dim % 2:
+        raise ValueError(f"dim={dim} must be even")
+    omega = 1.0 / 10000.0 ** (torch.arange(dim // 2, dtype=torch.float64, device=pos.device) / (dim / 2))
+    out = pos.double()[:, None] * omega[None]
+    return torch.cat([torch.sin(out), torch.cos(out)], dim=1)
 
 
 def _heads(x: Tensor, num_heads: int) -> Tensor:
