@@ -66,7 +66,7 @@ class QuickstartConfig:
 
 
 # Steps per tokenizer stage for the full run and for the CI variant.
-STAGE_STEPS: dict[str, tuple[int, int]] = {"warmup": (800, 12), "discrete": (400, 12), "alternate": (1000, 12)}
+STAGE_STEPS: dict[str, tuple[int, int]] = {"warmup": (500, 12), "discrete": (250, 12), "alternate": (600, 12)}
 STAGES = ("warmup", "discrete", "alternate")
 GENERATOR_STEPS = (1500, 12)
 CACHE_IMAGES = (12288, 64)  # full run, CI variant
@@ -119,7 +119,7 @@ class Quickstart:
         if stage != STAGES[0]:
             argv.append(f"init_from={self.tokenizer_dir(STAGES[STAGES.index(stage) - 1]) / 'final'}")
         if cfg.ci:
-            argv += ["train.log_every=4", "codebook_init_images=64"]
+            argv += ["train.log_every=4", "codebook_init_images=64", "merge_codes_images=64"]
         TokenizerTrainer(load_config(TokenizerTrainConfig, argv), argv=["dcar.quickstart", *argv]).fit()
 
     def eval_tokenizer(self) -> dict[str, Any]:

@@ -20,7 +20,7 @@ TINY = [
     "model.encoder_block_out_channels=[8,8,16,32,32,32]", "model.decoder_block_out_channels=[8,8,16,32,32,32]",
     "model.encoder_layers_per_block=[0,1,1,1,1,1]", "model.decoder_layers_per_block=[0,1,1,1,1,1]",
     "model.quantizer.codebook_size=64", "data.resolution=64", "train.batch_size=8", "train.log_every=1",
-    "log.progress=false", "optim.warmup_steps=0", "codebook_init_images=64",
+    "log.progress=false", "optim.warmup_steps=0", "codebook_init_images=64", "merge_codes_images=64",
 ]
 
 
@@ -171,10 +171,10 @@ def test_merge_codes_at_alternate_start(tmp_path):
                 f"init_from={tmp_path / 'warmup' / 'final'}", *data))
     init = [f"init_from={tmp_path / 'discrete' / 'final'}", "stage=alternate", "train.steps=3", "train.ckpt_every=3",
             *data]
-    plain = _trainer(_cfg(tmp_path, "plain", *init))
+    plain = _trainer(_cfg(tmp_path, "plain", *init, "merge_codes=false"))
     plain.setup()
     assert not plain.unwrap("model").tokenizer.quantizer.merged
-    merged = _trainer(_cfg(tmp_path, "merged", *init, "merge_codes=true", "merge_codes_images=64"))
+    merged = _trainer(_cfg(tmp_path, "merged", *init, "merge_codes=true"))
     merged.setup()
     quantizer = merged.unwrap("model").tokenizer.quantizer
     code_map = quantizer.code_map.clone()
@@ -184,7 +184,8 @@ def test_merge_codes_at_alternate_start(tmp_path):
     with torch.no_grad():
         z = tok.encoder(images)
         nearest = quantizer.nearest_indices(z.permute(0, 2, 3, 1).reshape(-1, 32))
-    assert torch.equal(code_map, find_synonyms(nearest, patchify(images, 32), quantizer.codebook_size, 0.02))
+    tol = merged.cfg.merge_codes_tol
+    assert torch.equal(code_map, find_synonyms(nearest, patchify(images, 32), quantizer.codebook_size, tol))
     merged.fit()
     final = DCHT.from_pretrained(tmp_path / "merged" / "final").eval()
     assert torch.equal(final.quantizer.code_map, code_map)
