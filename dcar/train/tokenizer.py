@@ -147,9 +147,11 @@ class TokenizerTrainer(Trainer):
             self.merge_synonym_codes()
 
     @torch.no_grad()
-    def _encode_train_images(self, num_images: int) -> tuple[torch.Tensor, torch.Tensor]:
-        """(images, latents z) of the first ``num_images`` training images through the loaded encoder (eval mode);
-        the same images on every rank."""
+    def _encode_train_images(
+        self, num_images: int, keep_images: bool = True
+    ) -> tuple[torch.Tensor | None, torch.Tensor]:
+        """(images or None, latents z) of the first ``num_images`` training images through the loaded encoder (eval
+        mode), on the CPU; the same images on every rank."""
         from torch.utils.data import DataLoader
 
         tokenizer = self.unwrap("model").tokenizer
@@ -162,13 +164,14 @@ class TokenizerTrainer(Trainer):
             if "image" not in batch:
                 continue
             x = batch["image"].to(self.device)
-            images.append(x.cpu())
+            if keep_images:
+                images.append(x.cpu())
             latents.append(tokenizer.encoder(x).float().cpu())
             seen += x.shape[0]
             if seen >= num_images:
                 break
         tokenizer.train(was_training)
-        return torch.cat(images), torch.cat(latents)
+        return (torch.cat(images) if keep_images else None), torch.cat(latents)
 
     def _broadcast(self, tensor: torch.Tensor) -> torch.Tensor:
         """Rank 0's ``tensor`` on every rank (bit-equal state on GPUs, where kernels may differ in the last bit)."""
@@ -183,7 +186,7 @@ class TokenizerTrainer(Trainer):
         from dcar.models.tokenizer.kmeans import kmeans
 
         cfg, quantizer = self.cfg, self.unwrap("model").tokenizer.quantizer
-        _, z = self._encode_train_images(cfg.codebook_init_images)
+        _, z = self._encode_train_images(cfg.codebook_init_images, keep_images=False)
         gen = torch.Generator(device="cpu").manual_seed(cfg.seed)
         centres = kmeans(z.permute(0, 2, 3, 1).reshape(-1, z.shape[1]), quantizer.codebook_size,
                          cfg.codebook_init_iters, gen)
@@ -201,6 +204,7 @@ class TokenizerTrainer(Trainer):
         cfg, tokenizer = self.cfg, self.unwrap("model").tokenizer
         quantizer = tokenizer.quantizer
         images, z = self._encode_train_images(cfg.merge_codes_images)
+        assert images is not None
         nearest = quantizer.nearest_indices(z.permute(0, 2, 3, 1).reshape(-1, z.shape[1]).to(self.device))
         patch = images.shape[-1] // z.shape[-1]
         code_map = find_synonyms(nearest.cpu(), patchify(images, patch), quantizer.codebook_size,

@@ -9,7 +9,8 @@ with beta = 0.25 on the commitment term. DC-AR quantises one scale only, so HART
 Additions (not in HART): the nearest-neighbour search runs over chunks of tokens, so a 512 px batch never holds a
 (tokens x 16384) distance matrix larger than (chunk_size x 16384); usage statistics (perplexity, fraction of codes
 used) and an optional running EMA of code frequencies; and an optional dead-code restart (off by default), the
-usual remedy for codebook collapse (e.g. Jukebox / "random restart" of unused codes).
+usual remedy for codebook collapse (e.g. Jukebox / "random restart" of unused codes); and ``code_map``, the index
+each nearest code emits (identity unless synonym codes were merged, :mod:`dcar.models.tokenizer.synonyms`).
 
 Distributed training: in training mode, when ``torch.distributed`` is initialised with more than one rank, the code
 counts are all-reduced (so statistics and the dead-code decision are global and identical on every rank) and the
