@@ -201,14 +201,9 @@ class Quickstart:
 
     def shapes(self, split: str, n: int):
         """``n`` shapes images of ``split`` at the tokenizer's resolution and layout, for the quickstart's seed."""
-        from dcar.data.shapes import ShapesDataset
+        from dcar.data.build import shapes_dataset
 
-        return ShapesDataset(split, self.resolution, size=n, seed=self.cfg.seed,
-                             max_objects=self.data_config.shapes.max_objects, grid=self.data_config.shapes.grid,
-                             align=self.data_config.shapes.align,
-                             shadow=self.data_config.shapes.shadow,
-                             size_scale=self.data_config.shapes.size_scale,
-                             exposure=self.data_config.shapes.exposure)
+        return shapes_dataset(self.data_config, split, size=n, seed=self.cfg.seed)
 
     def heldout(self, n: int):
         return self.shapes("heldout", n)

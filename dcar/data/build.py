@@ -9,14 +9,21 @@ from torch.utils.data import Dataset
 from dcar.config.schema import DataConfig
 
 
-def _shapes(cfg: DataConfig, split: str, rank: int, world_size: int) -> Dataset:
+def shapes_dataset(cfg: DataConfig, split: str, size: int | None = None, seed: int | None = None) -> Dataset:
+    """The shapes split that ``cfg`` describes (resolution, layout and rendering from ``cfg.shapes``); ``size`` and
+    ``seed`` default to the config's (``shapes.size`` / ``shapes.heldout_size``, ``seed``)."""
     from dcar.data.shapes import ShapesDataset
 
-    size = cfg.shapes.size if split == "train" else cfg.shapes.heldout_size
-    return ShapesDataset(split, cfg.resolution, size=size, seed=cfg.seed, max_objects=cfg.shapes.max_objects,
-                         background=cfg.shapes.background, grid=cfg.shapes.grid,
-                         align=cfg.shapes.align, shadow=cfg.shapes.shadow,
-                         size_scale=cfg.shapes.size_scale, exposure=cfg.shapes.exposure)
+    s = cfg.shapes
+    if size is None:
+        size = s.size if split == "train" else s.heldout_size
+    return ShapesDataset(split, cfg.resolution, size=size, seed=cfg.seed if seed is None else seed,
+                         max_objects=s.max_objects, background=s.background, grid=s.grid, align=s.align,
+                         shadow=s.shadow, size_scale=s.size_scale, exposure=s.exposure)
+
+
+def _shapes(cfg: DataConfig, split: str, rank: int, world_size: int) -> Dataset:
+    return shapes_dataset(cfg, split)
 
 
 def _path(cfg: DataConfig, split: str) -> str:

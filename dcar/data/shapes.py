@@ -47,6 +47,7 @@ from dcar.data.shapes_scene import (
     caption_split,
     check_align,
     check_grid,
+    check_size_scale,
     layout_params,
     layout_spec,
     parse_caption,
@@ -76,6 +77,7 @@ __all__ = [
     "caption_split",
     "check_align",
     "check_grid",
+    "check_size_scale",
     "layout_params",
     "layout_spec",
     "parse_caption",
@@ -204,8 +206,7 @@ class ShapesDataset(Dataset):
         if not 0.0 <= shadow <= 0.5:
             raise ValueError(f"shadow must lie in [0, 0.5] (the darkening of the background), got {shadow}")
         self.shadow = float(shadow)
-        if not 0.25 <= size_scale <= 1.0:
-            raise ValueError(f"size_scale must lie in [0.25, 1], got {size_scale}")
+        check_size_scale(size_scale)
         self.size_scale = float(size_scale)
         if not 0.0 <= exposure <= 0.3:
             raise ValueError(f"exposure must lie in [0, 0.3] (the largest darkening of an image), got {exposure}")

@@ -320,8 +320,7 @@ def layout_spec(rng: np.random.Generator, spec: SceneSpec, resolution: int, grid
     r = int(resolution)
     if not 16 <= r <= 4096:  # designed and tested for 64..512
         raise ValueError(f"resolution {resolution} out of range")
-    if not 0.25 <= size_scale <= 1.0:
-        raise ValueError(f"size_scale must lie in [0.25, 1], got {size_scale}")
+    check_size_scale(size_scale)
     if align:
         check_align(align, r)
         return _align_layout(rng, spec, r, grid, align, size_scale)
@@ -386,6 +385,12 @@ def check_align(align: int, resolution: int) -> None:
     if align and (align < 4 or resolution % align):
         raise ValueError(f"align must be 0 or >= 4 pixels dividing the resolution; got align={align}, "
                          f"resolution={resolution}")
+
+
+def check_size_scale(size_scale: float) -> None:
+    """``ValueError`` unless ``size_scale`` lies in [0.25, 1]."""
+    if not 0.25 <= size_scale <= 1.0:
+        raise ValueError(f"size_scale must lie in [0.25, 1], got {size_scale}")
 
 
 def check_grid(grid: int, resolution: int) -> None:

@@ -17,7 +17,9 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
 
-__all__ = ["CaptionProjection", "CrossAttention", "DCARBlock", "SelfAttention", "TextKV", "sincos_1d", "sincos_pos_embed_2d"]
+__all__ = [
+    "CaptionProjection", "CrossAttention", "DCARBlock", "SelfAttention", "TextKV", "sincos_1d", "sincos_pos_embed_2d",
+]
 
 
 def sincos_pos_embed_2d(
