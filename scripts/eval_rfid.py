@@ -6,13 +6,17 @@ continuous and the discrete path, codebook usage; one JSON.
     python scripts/eval_rfid.py tokenizer=runs/t/alternate/final data=shapes out=results/rfid_shapes.json
 
 Images: ``data.heldout_path`` if set, else ``data.path`` (ImageFolder, ADM centre crop at ``resolution``), all of
-them or ``num_images`` evenly spaced ones; ``data=shapes``: the shapes held-out split. rFID is measured against the
+them or ``num_images`` evenly spaced ones; ``data=shapes``: the shapes held-out split, laid out as the tokenizer's
+training run recorded (``<run>/config.yaml``: grid, align, exposure, ...; ``data.shapes`` when there is none). rFID is measured against the
 originals' statistics at the same resolution, cached in ``ref_stats`` (default
 ``<out folder>/fid_stats/<data>_<R>px_<N>_<extractor>.npz``). Per-chunk results go to ``<out>.parts/``; a rerun
 reuses them (resume) and reuses the reference statistics. See :mod:`dcar.eval.runner`, :mod:`dcar.eval.fid`.
 """
 
 
+import dataclasses
+import hashlib
+import json
 from collections.abc import Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -50,12 +54,14 @@ class RfidConfig:
 def build_images(cfg: RfidConfig, resolution: int):
     """(dataset, evaluated indices, description) of the images to reconstruct."""
     if cfg.data.kind == "shapes":
-        from dcar.data.shapes import ShapesDataset
+        from dcar.data.build import run_data_config, shapes_dataset
 
+        trained = run_data_config(cfg.tokenizer)  # the layout the tokenizer was trained on, when its run says so
+        layout = trained.shapes if trained is not None and trained.kind == "shapes" else cfg.data.shapes
         n = cfg.num_images or cfg.data.shapes.heldout_size
-        ds = ShapesDataset("heldout", resolution, size=n, seed=cfg.data.seed,
-                           max_objects=cfg.data.shapes.max_objects, background=cfg.data.shapes.background)
-        return ds, list(range(n)), {"kind": "shapes", "split": "heldout", "seed": cfg.data.seed}
+        ds = shapes_dataset(dataclasses.replace(cfg.data, resolution=resolution, shapes=layout), "heldout", size=n)
+        layout_dict = dataclasses.asdict(dataclasses.replace(layout, size=0, heldout_size=0))
+        return ds, list(range(n)), {"kind": "shapes", "split": "heldout", "seed": cfg.data.seed, "layout": layout_dict}
     if cfg.data.kind != "imagefolder":
         raise ConfigError(f"data.kind={cfg.data.kind!r} is not supported here (use imagefolder or data=shapes)")
     root = cfg.data.heldout_path or cfg.data.path
@@ -98,7 +104,8 @@ def main(argv: Sequence[str]) -> dict:
         raise ConfigError(str(err)) from None
     ext = {k: v for k, v in extractor.describe().items() if k != "weights"}
     out = Path(cfg.out)
-    name = "-".join(Path(source["path"]).parts[-2:]) if "path" in source else f"shapes-heldout-seed{cfg.data.seed}"
+    name = "-".join(Path(source["path"]).parts[-2:]) if "path" in source else f"shapes-heldout-seed{cfg.data.seed}-" + \
+        hashlib.sha256(json.dumps(source["layout"], sort_keys=True).encode()).hexdigest()[:8]
     ref_path = Path(cfg.ref_stats or out.parent / "fid_stats" /
                     f"{name}_{resolution}px_{len(indices)}_{ext['name']}-{ext['layer']}.npz")
     ref_meta = {"kind": "reconstruction-reference", "data": source, "resolution": resolution,

@@ -3,7 +3,8 @@
     python scripts/reconstruct.py tokenizer=runs/t/alternate/final data=shapes num=256 out=runs/t/recon
     python scripts/reconstruct.py tokenizer=PATH images=/path/to/folder resolution=256 num=100 out=DIR
 
-``tokenizer`` is a ``save_pretrained`` folder (a run's ``final/``). ``data=shapes`` reads the held-out shapes split;
+``tokenizer`` is a ``save_pretrained`` folder (a run's ``final/``). ``data=shapes`` reads the held-out shapes split,
+laid out as the tokenizer's run recorded in ``<tokenizer>/../config.yaml`` (grid, align, exposure, ...);
 ``images=DIR`` a folder of images (ADM centre crop to ``resolution``). ``resolution=0`` (default) takes the
 training run's ``data.resolution`` from ``<tokenizer>/../config.yaml`` when present, else 256. The grid
 (``out/recon.png``) shows the first ``grid`` images in three rows: originals, continuous path ``decode(z)``,
@@ -13,6 +14,7 @@ discrete path ``decode(zq)``. Metrics (uint8 PSNR / SSIM, codebook usage) are de
 
 from __future__ import annotations
 
+import dataclasses
 import json
 from collections.abc import Sequence
 from dataclasses import dataclass
@@ -74,9 +76,13 @@ def main(argv: Sequence[str]) -> None:
     tokenizer = DCHT.from_pretrained(tok_path).to(device).eval()
 
     if cfg.data == "shapes":
-        from dcar.data.shapes import ShapesDataset
+        from dcar.config import DataConfig
+        from dcar.data.build import run_data_config, shapes_dataset
 
-        dataset = ShapesDataset("heldout", resolution, size=cfg.num, seed=cfg.seed)
+        trained = run_data_config(tok_path)  # the layout (grid, align, exposure, ...) the tokenizer was trained on
+        data = trained if trained is not None and trained.kind == "shapes" else DataConfig(kind="shapes")
+        dataset = shapes_dataset(dataclasses.replace(data, resolution=resolution), "heldout", size=cfg.num,
+                                 seed=cfg.seed)
         ids = list(range(len(dataset)))
         source = f"shapes heldout (seed {cfg.seed})"
     else:

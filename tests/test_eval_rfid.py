@@ -159,7 +159,9 @@ def test_two_processes_take_disjoint_chunks_and_the_main_one_gathers(main, data,
 def test_shapes_heldout_split(main, data, tmp_path):
     out = tmp_path / "shapes.json"
     result = main([f"tokenizer={data / 'tok'}", "data=shapes", "num_images=6", f"out={out}", *FAST])
+    layout = result["data"].pop("layout")  # no run config above the tokenizer: the data=shapes preset's layout
     assert result["data"] == {"kind": "shapes", "split": "heldout", "seed": 0}
+    assert layout["grid"] == 16 and layout["align"] == 0
     assert result["resolution"] == 64 and result["num_images"] == 6
     assert result["continuous"]["psnr"] > 0 and result["codebook"]["num_tokens"] == 6 * 4
 
@@ -179,3 +181,21 @@ def test_missing_inception_weights_fail_before_any_work(main, data, tmp_path, mo
         main(args(data, tmp_path / "x.json", "lpips=maybe"))
     with pytest.raises(ConfigError, match="alexnet-owt-7be5be79.pth"):
         main(args(data, tmp_path / "x.json", "lpips=required"))
+
+
+def test_shapes_layout_comes_from_the_tokenizer_run(main, data, tmp_path):
+    import shutil
+
+    from dcar.data.build import run_data_config
+
+    run = tmp_path / "run"
+    shutil.copytree(data / "tok", run / "final")
+    (run / "config.yaml").write_text("data:\n  kind: shapes\n  resolution: 64\n  shapes:\n    grid: 16\n"
+                                     "    align: 16\n    exposure: 0.1\n")
+    assert run_data_config(run / "final").shapes.align == 16 and run_data_config(data / "tok") is None
+    result = main([f"tokenizer={run / 'final'}", "data=shapes", "num_images=4", f"out={tmp_path / 'r.json'}", *FAST])
+    assert result["data"]["layout"]["align"] == 16 and result["data"]["layout"]["exposure"] == 0.1
+    default = main([f"tokenizer={data / 'tok'}", "data=shapes", "num_images=4", f"out={tmp_path / 'd.json'}", *FAST])
+    assert default["continuous"]["psnr"] != result["continuous"]["psnr"]  # other images were reconstructed
+    stats = sorted(p.name for p in (tmp_path / "fid_stats").iterdir())
+    assert len(stats) == 2 and all(n.startswith("shapes-heldout-seed0-") for n in stats)  # one per layout

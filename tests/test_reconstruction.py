@@ -8,6 +8,7 @@ import subprocess
 import sys
 from pathlib import Path
 
+import numpy as np
 import pytest
 import torch
 
@@ -127,7 +128,9 @@ def test_evaluate_reconstruction_perfect_decoder_hits_cap():
 def test_reconstruct_script(tmp_path):
     tok = _tiny_dcht()
     tok.save_pretrained(tmp_path / "run" / "final")
-    (tmp_path / "run" / "config.yaml").write_text("data:\n  resolution: 64\n")
+    # the run recorded a token-aligned shapes layout: data=shapes must rebuild exactly that layout
+    (tmp_path / "run" / "config.yaml").write_text(
+        "data:\n  kind: shapes\n  resolution: 64\n  shapes:\n    grid: 16\n    align: 16\n    exposure: 0.1\n")
     out = tmp_path / "out"
     cmd = [sys.executable, str(ROOT / "scripts" / "reconstruct.py"), f"tokenizer={tmp_path / 'run' / 'final'}",
            "data=shapes", "num=5", "grid=4", "batch_size=2", f"out={out}"]
@@ -142,5 +145,12 @@ def test_reconstruct_script(tmp_path):
 
     grid = Image.open(out / "recon.png")
     assert grid.size == (4 * 66 + 2, 3 * 66 + 2)  # 4 columns x 3 rows of 64 px tiles, 2 px padding
+    from dcar.data.shapes import ShapesDataset
+
+    expected = ShapesDataset("heldout", 64, size=5, seed=0, grid=16, align=16, exposure=0.1)
+    for col in range(4):  # the originals row holds the run's layout, not the default free layout
+        tile = torch.from_numpy(np.asarray(grid.convert("RGB"))[2:66, 2 + 66 * col:66 + 66 * col].copy())
+        want = ((expected[col]["image"].permute(1, 2, 0) + 1) * 127.5).round()
+        assert (tile.float() - want).abs().max() <= 1
     bad = subprocess.run([*cmd[:2], "data=shapes"], capture_output=True, text=True, cwd=ROOT, timeout=120)
     assert bad.returncode == 2 and "tokenizer=PATH" in bad.stderr

@@ -2,7 +2,9 @@
 
 from __future__ import annotations
 
+import os
 from collections.abc import Callable
+from pathlib import Path
 
 from torch.utils.data import Dataset
 
@@ -20,6 +22,21 @@ def shapes_dataset(cfg: DataConfig, split: str, size: int | None = None, seed: i
     return ShapesDataset(split, cfg.resolution, size=size, seed=cfg.seed if seed is None else seed,
                          max_objects=s.max_objects, background=s.background, grid=s.grid, align=s.align,
                          shadow=s.shadow, size_scale=s.size_scale, exposure=s.exposure)
+
+
+def run_data_config(model_dir: str | os.PathLike) -> DataConfig | None:
+    """The ``data`` section of the training run that saved ``model_dir`` (a run's ``final/`` or checkpoint folder,
+    with the resolved ``config.yaml`` one level up), or ``None`` when the folder carries no run config (e.g. a Hub
+    download). Evaluation scripts use it to rebuild the shapes layout a tokenizer was trained on."""
+    from omegaconf import OmegaConf
+
+    path = Path(model_dir).parent / "config.yaml"
+    if not path.is_file():
+        return None
+    node = OmegaConf.select(OmegaConf.load(path), "data")
+    if node is None:
+        return None
+    return OmegaConf.to_object(OmegaConf.merge(OmegaConf.structured(DataConfig), node))
 
 
 def _shapes(cfg: DataConfig, split: str, rank: int, world_size: int) -> Dataset:
