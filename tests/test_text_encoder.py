@@ -132,3 +132,40 @@ def test_position_features_make_word_order_visible(tok_dir, encoder):
     assert set_distance(with_pos) > 2 * set_distance(plain)
     with pytest.raises(ValueError, match="must be even"):
         sincos_1d(torch.arange(3), 5)
+
+
+def test_context_window_puts_each_words_neighbours_into_its_state(tok_dir, encoder, tmp_path):
+    """context_window=1: state_i + (R_-1 state_{i-1} + R_+1 state_{i+1}) / sqrt(2) over valid neighbours, with fixed
+    orthogonal R; then the state of "circle" tells its colour, which a random T5's state does not."""
+    from dcar.models.generator.text_encoder import context_features, random_rotations
+    from dcar.pipeline import load_text_encoder, save_text_encoder
+
+    cfg = TextEncoderConfig(kind="t5-random", tokenizer_path=str(tok_dir), max_length=8, t5_config=TINY_T5,
+                            context_window=1)
+    ctx = TextEncoder(cfg)
+    caps = ["a red circle above a blue square", "a blue circle above a red square"]
+    plain, mask = encoder.encode(caps)
+    states, mask2 = ctx.encode(caps)
+    assert torch.equal(mask, mask2) and torch.equal(states[~mask], plain[~mask])
+    rot = random_rotations(2, 32, cfg.seed + 1)
+    eye = torch.eye(32)
+    torch.testing.assert_close(rot @ rot.transpose(1, 2), torch.stack([eye, eye]), atol=1e-5, rtol=0)
+    n = int(mask[0].sum())  # 7 words + </s>
+    for i in range(n):  # the formula, written out for caption 0
+        want = plain[0, i].clone()
+        if i > 0:
+            want += rot[0] @ plain[0, i - 1] / 2**0.5
+        if i < n - 1:
+            want += rot[1] @ plain[0, i + 1] / 2**0.5
+        torch.testing.assert_close(states[0, i], want, atol=1e-5, rtol=1e-5)
+    circle = 2  # "a red circle ...": swapping the colours moves the state of "circle" only with context
+    moved = (states[0, circle] - states[1, circle]).norm() / states[0, circle].norm()
+    plain_moved = (plain[0, circle] - plain[1, circle]).norm() / plain[0, circle].norm()
+    assert plain_moved < 0.05 and moved > 0.3
+    # saved with a pipeline's text encoder and loaded back: the same rotations, the same states
+    loaded = load_text_encoder(save_text_encoder(ctx, tmp_path / "te"))
+    assert loaded.config.context_window == 1
+    torch.testing.assert_close(loaded.encode(caps)[0], states)
+    with pytest.raises(ValueError, match="context_window must be >= 0"):
+        TextEncoderConfig(context_window=-1).validate()
+    torch.testing.assert_close(context_features(plain, mask, rot), states)

@@ -134,10 +134,15 @@ class TextEncoderConfig:
     from ``tokenizer_path``; for tests and the CPU shapes pipeline). For ``"t5"``/``"hf"``, ``tokenizer_path``
     defaults to ``name_or_path``.
     ``max_length`` = 120 tokens, PixArt-alpha's T5 length; captions are padded/truncated to it.
-    ``position_features``: add fixed sin-cos features of each token's position to the states (not in PixArt). For
-    the random stand-in T5 only: a randomly initialised T5 is close to a bag of words (swapping the two colour words
-    of a caption moves its features by 3% of their norm, another caption by 88%), so which colour belongs to which
-    shape, and which object is above, would be invisible to the generator; a pretrained T5 encodes word order.
+    ``position_features`` and ``context_window`` (not in PixArt; for the random stand-in T5 only). A randomly
+    initialised T5's state at a token is that word plus a bag-of-words context: its attention is near uniform, so a
+    token's state does not depend on where the other words stand (swapping a caption's two colour words changes the
+    states at those two positions only). Which colour belongs to which shape, and which object is above, is then
+    in no single state, whereas a pretrained T5 writes a word's modifiers and relations into its state.
+    ``position_features``: add fixed sin-cos features of each token's position. ``context_window=w``: add to each
+    token's state fixed random rotations of the states of its ``w`` neighbours on each side (one rotation per
+    offset, sum scaled by ``1/sqrt(2w)``; padding contributes nothing), so the state of "circle" in "a red circle"
+    carries "red", as a pretrained encoder's would.
     """
 
     kind: str = choice("t5", "t5", "hf", "t5-random")
@@ -148,9 +153,12 @@ class TextEncoderConfig:
     t5_config: dict[str, Any] = field(default_factory=dict)
     seed: int = 0
     position_features: bool = False
+    context_window: int = 0
 
     def validate(self) -> None:
         """Raise ``ValueError`` for invalid settings."""
         check_choices(self)
+        if self.context_window < 0:
+            raise ValueError(f"context_window must be >= 0, got {self.context_window}")
         if self.max_length < 1:
             raise ValueError("max_length must be >= 1")

@@ -23,10 +23,34 @@ from dcar.utils.atomic import atomic_save_safetensors
 
 from .config import TextEncoderConfig
 
-__all__ = ["CachedText", "TextEncoder", "build_word_tokenizer", "load_cached", "T5_BASE_DIMS"]
+__all__ = ["CachedText", "TextEncoder", "build_word_tokenizer", "context_features", "load_cached", "T5_BASE_DIMS"]
 
 T5_BASE_DIMS = {"d_model": 768, "d_kv": 64, "d_ff": 3072, "num_layers": 12, "num_heads": 12}
 _DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}
+
+
+def random_rotations(count: int, dim: int, seed: int) -> Tensor:
+    """``count`` fixed random orthogonal (dim, dim) matrices (QR of seeded Gaussians, sign-corrected), float32."""
+    gen = torch.Generator(device="cpu").manual_seed(seed)
+    q, r = torch.linalg.qr(torch.randn(count, dim, dim, generator=gen, dtype=torch.float64))
+    return (q * torch.sign(torch.diagonal(r, dim1=-2, dim2=-1))[:, None, :]).float()
+
+
+def context_features(states: Tensor, mask: Tensor, rotations: Tensor) -> Tensor:
+    """``states`` (B, L, D) plus, at every valid token, ``sum_d R_d states[i + d] / sqrt(2w)`` over the valid
+    neighbours ``0 < |d| <= w`` (``rotations`` (2w, D, D): offsets -w..-1 then 1..w); padded positions unchanged."""
+    w = rotations.shape[0] // 2
+    valid = mask[..., None].to(states.dtype)
+    s = states * valid
+    ctx = torch.zeros_like(states)
+    for j, d in enumerate([*range(-w, 0), *range(1, w + 1)]):
+        nb = torch.zeros_like(s)
+        if d > 0:
+            nb[:, :-d] = s[:, d:]
+        else:
+            nb[:, -d:] = s[:, :d]
+        ctx = ctx + nb @ rotations[j].to(s.dtype).T
+    return states + ctx * valid / (2 * w) ** 0.5
 
 
 def build_word_tokenizer(captions: Iterable[str], out_dir: str | os.PathLike, lowercase: bool = True):
@@ -98,6 +122,9 @@ class TextEncoder(nn.Module):
         self.model = self._load_model().to(_DTYPES[config.dtype])
         self.model.requires_grad_(False)
         self.model.eval()
+        if config.context_window:  # fixed, derived from the seed: not saved, identical on every load
+            rot = random_rotations(2 * config.context_window, self.hidden_size, config.seed + 1)
+            self.register_buffer("context_rotations", rot.to(_DTYPES[config.dtype]), persistent=False)
 
     def _load_tokenizer(self):
         from transformers import AutoTokenizer
@@ -148,6 +175,8 @@ class TextEncoder(nn.Module):
         )
         ids, mask = batch["input_ids"].to(device), batch["attention_mask"].to(device)
         states = self.model(input_ids=ids, attention_mask=mask).last_hidden_state
+        if self.config.context_window:  # see TextEncoderConfig: a random stand-in's states lack their context
+            states = context_features(states, mask, self.context_rotations)
         if self.config.position_features:  # see TextEncoderConfig: word order for a random stand-in encoder
             from .transformer import sincos_1d
 
