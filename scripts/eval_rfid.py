@@ -56,8 +56,8 @@ def build_images(cfg: RfidConfig, resolution: int):
     if cfg.data.kind == "shapes":
         from dcar.data.build import run_data_config, shapes_dataset
 
-        trained = run_data_config(cfg.tokenizer)  # the layout the tokenizer was trained on, when its run says so
-        layout = trained.shapes if trained is not None and trained.kind == "shapes" else cfg.data.shapes
+        trained = run_data_config(cfg.tokenizer, kind="shapes")  # the layout the tokenizer was trained on
+        layout = trained.shapes if trained is not None else cfg.data.shapes
         n = cfg.num_images or cfg.data.shapes.heldout_size
         ds = shapes_dataset(dataclasses.replace(cfg.data, resolution=resolution, shapes=layout), "heldout", size=n)
         layout_dict = dataclasses.asdict(dataclasses.replace(layout, size=0, heldout_size=0))

@@ -79,8 +79,8 @@ def main(argv: Sequence[str]) -> None:
         from dcar.config import DataConfig
         from dcar.data.build import run_data_config, shapes_dataset
 
-        trained = run_data_config(tok_path)  # the layout (grid, align, exposure, ...) the tokenizer was trained on
-        data = trained if trained is not None and trained.kind == "shapes" else DataConfig(kind="shapes")
+        # the layout (grid, align, exposure, ...) the tokenizer was trained on
+        data = run_data_config(tok_path, kind="shapes") or DataConfig(kind="shapes")
         dataset = shapes_dataset(dataclasses.replace(data, resolution=resolution), "heldout", size=cfg.num,
                                  seed=cfg.seed)
         ids = list(range(len(dataset)))

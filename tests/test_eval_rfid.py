@@ -193,6 +193,7 @@ def test_shapes_layout_comes_from_the_tokenizer_run(main, data, tmp_path):
     (run / "config.yaml").write_text("data:\n  kind: shapes\n  resolution: 64\n  shapes:\n    grid: 16\n"
                                      "    align: 16\n    exposure: 0.1\n")
     assert run_data_config(run / "final").shapes.align == 16 and run_data_config(data / "tok") is None
+    assert run_data_config(run / "final", kind="imagefolder") is None  # a shapes run is no imagefolder layout
     result = main([f"tokenizer={run / 'final'}", "data=shapes", "num_images=4", f"out={tmp_path / 'r.json'}", *FAST])
     assert result["data"]["layout"]["align"] == 16 and result["data"]["layout"]["exposure"] == 0.1
     default = main([f"tokenizer={data / 'tok'}", "data=shapes", "num_images=4", f"out={tmp_path / 'd.json'}", *FAST])

@@ -24,10 +24,11 @@ def shapes_dataset(cfg: DataConfig, split: str, size: int | None = None, seed: i
                          shadow=s.shadow, size_scale=s.size_scale, exposure=s.exposure)
 
 
-def run_data_config(model_dir: str | os.PathLike) -> DataConfig | None:
-    """The ``data`` section of the training run that saved ``model_dir`` (a run's ``final/`` or checkpoint folder,
-    with the resolved ``config.yaml`` one level up), or ``None`` when the folder carries no run config (e.g. a Hub
-    download). Evaluation scripts use it to rebuild the shapes layout a tokenizer was trained on."""
+def run_data_config(model_dir: str | os.PathLike, kind: str | None = None) -> DataConfig | None:
+    """The ``data`` section of the training run that saved ``model_dir`` (a run's ``final/`` folder, with the
+    resolved ``config.yaml`` one level up), or ``None`` when the folder carries no run config (e.g. a Hub download)
+    or, with ``kind``, when the run read another kind of data. Evaluation scripts use it to rebuild the shapes layout
+    a tokenizer was trained on."""
     from omegaconf import OmegaConf
 
     path = Path(model_dir).parent / "config.yaml"
@@ -36,7 +37,8 @@ def run_data_config(model_dir: str | os.PathLike) -> DataConfig | None:
     node = OmegaConf.select(OmegaConf.load(path), "data")
     if node is None:
         return None
-    return OmegaConf.to_object(OmegaConf.merge(OmegaConf.structured(DataConfig), node))
+    data = OmegaConf.to_object(OmegaConf.merge(OmegaConf.structured(DataConfig), node))
+    return data if kind is None or data.kind == kind else None
 
 
 def _shapes(cfg: DataConfig, split: str, rank: int, world_size: int) -> Dataset:
