@@ -26,8 +26,9 @@ def test_quickstart_ci_runs_every_phase_and_resumes(tmp_path):
                                       "shapes_eval_discrete_only", "residual_gain", "total"}
     for name in ("hybrid", "discrete_only"):
         scores = metrics["shapes_eval"][name]
-        assert set(scores) == {"color", "shape", "count", "relation", "full"}
+        assert set(scores) == {"color", "shape", "count", "relation", "full", "lighting"}
         assert all(v is None or 0.0 <= v <= 1.0 for v in scores.values())
+        assert scores["lighting"] is not None  # the shapes configs' captions name the lighting
         assert (tmp_path / "shapes_eval" / name / "shapes_eval.json").is_file()
     res = metrics["residual"]
     assert metrics["residual_gain_db"] == res["psnr_tokens_plus_sampled_residual"] - res["psnr_tokens"]
@@ -57,3 +58,15 @@ def test_quickstart_ci_runs_every_phase_and_resumes(tmp_path):
     assert again["residual"] == res  # resumed from the phase's checkpoint: identical weights, identical metrics
     assert again["shapes_eval"] == metrics["shapes_eval"]
     assert again["wall_s"]["tokenizer_warmup"] == metrics["wall_s"]["tokenizer_warmup"]  # not re-run
+
+
+def test_quickstart_rejects_an_unknown_cfg_schedule_before_any_work(tmp_path):
+    import pytest
+
+    from dcar.config.loader import ConfigError
+
+    with pytest.raises(ConfigError, match=r"cfg_schedule='cosine': use one of \('constant', 'linear'\)"):
+        load_config(QuickstartConfig, [f"out={tmp_path / 'qs'}", "cfg_schedule=cosine"])
+    assert not (tmp_path / "qs").exists()
+    assert Quickstart(load_config(QuickstartConfig, [f"out={tmp_path / 'qs'}"])).sampler_kwargs(False) == {
+        "cfg_schedule": "constant"}

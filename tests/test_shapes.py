@@ -319,6 +319,31 @@ def test_exposure_scales_each_image_by_its_own_factor() -> None:
         ShapesDataset(exposure=0.5)
 
 
+def test_lighting_names_the_exposure_in_the_caption() -> None:
+    """lighting=True: each image is bright (factor 1) or dim (factor 1 - exposure), about one half each; its caption
+    is the plain caption + "in bright light" / "in dim light", which parse_caption ignores and split_lighting
+    recovers; scenes and splits are those of the plain dataset."""
+    from dcar.data.shapes import split_lighting
+
+    plain = ShapesDataset("heldout", size=80, resolution=128, exposure=0.12)
+    lit = ShapesDataset("heldout", size=80, resolution=128, exposure=0.12, lighting=True)
+    keys = []
+    for i in range(80):
+        a, b = plain[i], lit[i]
+        base, key = split_lighting(b["caption"])
+        assert base == a["caption"] and key in ("bright", "dim") and lit.scene(i).caption == b["caption"]
+        assert b["caption"] == f"{a['caption']} in {key} light"
+        assert parse_caption(b["caption"]) == parse_caption(a["caption"])
+        assert caption_split(b["caption"], 0) == "heldout"
+        x = (b["image"] + 1) * 127.5
+        assert float(x.max()) == pytest.approx(255.0 if key == "bright" else round(255 * 0.88), abs=0.5)
+        keys.append(key)
+    assert 25 <= keys.count("dim") <= 55
+    assert split_lighting("a red circle") == ("a red circle", None)
+    with pytest.raises(ValueError, match="needs exposure > 0"):
+        ShapesDataset(lighting=True)
+
+
 def test_align_from_config() -> None:
     from dcar.config import load_config
     from dcar.data.build import build_dataset
@@ -327,7 +352,8 @@ def test_align_from_config() -> None:
     root = __import__("pathlib").Path(__file__).resolve().parents[1]
     cfg = load_config(TokenizerTrainConfig, [f"config={root}/configs/tokenizer/shapes.yaml", "data.shapes.align=32"])
     ds = build_dataset(cfg.data, "train")
-    assert ds.align == 32 and ds.scene(0) == ShapesDataset(size=1, resolution=128, grid=16, align=32).scene(0)
+    assert ds.align == 32 and ds.scene(0) == ShapesDataset(size=1, resolution=128, grid=16, align=32, exposure=0.12,
+                                                           lighting=True).scene(0)
 
 
 def test_other_backgrounds() -> None:

@@ -214,3 +214,38 @@ def test_score_reconstructions_of_a_perfect_and_a_blank_tokenizer():
     assert all(perfect[p][a] == 1.0 for p in ("continuous", "discrete") for a in ("color", "shape", "full"))
     blank = score_reconstructions(Identity(True), data, batch_size=5)  # white images: nothing detected
     assert blank["continuous"]["full"] == 1.0 and blank["discrete"]["full"] == 0.0 and blank["discrete"]["color"] == 0.0
+
+
+def test_lighting_is_scored_from_the_background_and_prompts_keep_it(tmp_path):
+    """Captions that name their lighting keep it in the prompt (scene_for keeps the caption as given); the lighting
+    attribute is right for the dataset's own lit renders, wrong for the same scene at the other level, None for
+    captions without lighting; the full-caption rate ignores it."""
+    from dcar.eval.shapes_eval import detect_lighting, score_shapes_image
+
+    data = ShapesDataset("heldout", 64, size=12, exposure=0.12, lighting=True)
+    items = {data.scene(i).caption: data[i]["image"] for i in range(12)}
+    caps = list(items)
+    assert any(c.endswith("in dim light") for c in caps) and any(c.endswith("in bright light") for c in caps)
+    assert scene_for(caps[0]).caption == caps[0]
+
+    class LitPipe:
+        def __init__(self, flip):
+            self.flip, self.prompts = flip, []
+
+        def __call__(self, prompts, seed=None, **kw):
+            self.prompts += list(prompts)
+            out = [items[p] for p in prompts]
+            if self.flip:  # the other lighting level: bright <-> dim
+                out = [((x + 1) / (0.88 if p.endswith("dim light") else 1 / 0.88) - 1).clamp(-1, 1)
+                       for x, p in zip(out, prompts)]
+            return torch.stack(out)
+
+    right = LitPipe(False)
+    res = evaluate_shapes(right, caps, tmp_path / "right", progress=False)
+    assert right.prompts == caps and res["scores"]["lighting"] == 1.0 and res["scores"]["full"] == 1.0
+    wrong = evaluate_shapes(LitPipe(True), caps, tmp_path / "wrong", progress=False)
+    assert wrong["scores"]["lighting"] == 0.0 and wrong["scores"]["full"] == 1.0
+    white = torch.ones(3, 64, 64)
+    assert detect_lighting(white) == "bright" and detect_lighting(white * 0.88 - 0.12) == "dim"
+    plain = scene_for("three green triangles")
+    assert score_shapes_image(render_array(plain), plain)["lighting"] is None

@@ -72,6 +72,7 @@ class ShapesConfig:
     shadow: float = 0.0  # soft drop shadows darken the background by up to this fraction (dcar.data.shapes)
     size_scale: float = 1.0  # multiplies the object size ranges (0.7: relation/count objects fit one 32-px token)
     exposure: float = 0.0  # each image is multiplied by its own factor in [1 - exposure, 1] (dcar.data.shapes)
+    lighting: bool = False  # the caption names the exposure: bright (1) or dim (1 - exposure), "in dim light"
 
 
 @dataclass

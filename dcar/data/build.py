@@ -21,7 +21,8 @@ def shapes_dataset(cfg: DataConfig, split: str, size: int | None = None, seed: i
         size = s.size if split == "train" else s.heldout_size
     return ShapesDataset(split, cfg.resolution, size=size, seed=cfg.seed if seed is None else seed,
                          max_objects=s.max_objects, background=s.background, grid=s.grid, align=s.align,
-                         shadow=s.shadow, size_scale=s.size_scale, exposure=s.exposure)
+                         shadow=s.shadow, size_scale=s.size_scale, exposure=s.exposure,
+                         lighting=s.lighting)
 
 
 def run_data_config(model_dir: str | os.PathLike, kind: str | None = None) -> DataConfig | None:

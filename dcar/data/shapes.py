@@ -13,7 +13,11 @@ either the background or exactly one palette colour, at any resolution from 64 t
 smallest object is 11 px at 64 px). Optionally (``shadow`` > 0) the objects cast soft drop shadows on the background
 (:func:`shadow_alpha`); the objects themselves stay flat palette colours. ``exposure`` > 0 multiplies each image by
 its own factor drawn uniformly in ``[1 - exposure, 1]`` (a global brightness the caption does not name: continuous
-variation that a discrete codebook does not hold, which is what DC-HT's continuous path is for).
+variation that a discrete codebook does not hold, which is what DC-HT's continuous path is for). With
+``lighting=True`` the caption names it instead: each image is bright (factor 1) or dim (factor ``1 - exposure``),
+one half each, and its caption ends with "in bright light" / "in dim light" (:data:`LIGHTING_PHRASES`). A codebook
+that merges the two levels (``merge_codes``) then loses what the caption says, and the residual tokens carry it: the
+case where DC-AR's residual head, conditioned on the caption through the transformer, has something to restore.
 
 Determinism: sample ``i`` of a :class:`ShapesDataset` is a pure function of ``(seed, split, i, resolution,
 max_objects)`` (plus ``background`` for the pixels): a ``numpy`` Generator seeded with ``[seed, split_id, i]`` draws
@@ -23,6 +27,7 @@ the resolution.
 
 from __future__ import annotations
 
+import dataclasses
 from typing import Any
 
 import numpy as np
@@ -37,6 +42,7 @@ from dcar.data.shapes_scene import (
     COUNT_WORDS,
     FAMILIES,
     HELDOUT_FRACTION,
+    LIGHTING_PHRASES,
     RELATION_PHRASES,
     RELATIONS,
     SHAPES,
@@ -57,6 +63,7 @@ from dcar.data.shapes_scene import (
     shape_mask,
     spec_of,
     split_captions,
+    split_lighting,
 )
 
 __all__ = [
@@ -65,6 +72,7 @@ __all__ = [
     "COUNT_WORDS",
     "FAMILIES",
     "HELDOUT_FRACTION",
+    "LIGHTING_PHRASES",
     "RELATIONS",
     "RELATION_PHRASES",
     "SHAPES",
@@ -91,6 +99,7 @@ __all__ = [
     "shape_mask",
     "spec_of",
     "split_captions",
+    "split_lighting",
 ]
 
 SPLITS: tuple[str, ...] = ("train", "heldout")
@@ -184,6 +193,7 @@ class ShapesDataset(Dataset):
         shadow: float = 0.0,
         size_scale: float = 1.0,
         exposure: float = 0.0,
+        lighting: bool = False,
     ) -> None:
         if split not in SPLITS:
             raise ValueError(f"split must be one of {SPLITS}, got {split!r}")
@@ -211,6 +221,9 @@ class ShapesDataset(Dataset):
         if not 0.0 <= exposure <= 0.3:
             raise ValueError(f"exposure must lie in [0, 0.3] (the largest darkening of an image), got {exposure}")
         self.exposure = float(exposure)
+        if lighting and self.exposure == 0:
+            raise ValueError("lighting=True names the exposure level in the caption: it needs exposure > 0")
+        self.lighting = bool(lighting)
         if min(np.linalg.norm(np.subtract(c, self.background)) for c in COLORS.values()) < 100:
             raise ValueError(f"background {self.background} is too close to a palette colour")
 
@@ -225,9 +238,25 @@ class ShapesDataset(Dataset):
             raise IndexError(f"index {i} out of range for dataset of size {self.size}")
         return i
 
+    def _gain(self, i: int) -> float:
+        """Exposure factor of sample ``i``, from its own stream (the layout is unaffected)."""
+        if self.exposure == 0:
+            return 1.0
+        u = np.random.default_rng([self.seed, SPLITS.index(self.split), i, 1]).random()
+        if self.lighting:
+            return 1.0 - self.exposure if u < 0.5 else 1.0
+        return 1.0 - self.exposure * u
+
     def scene(self, i: int) -> Scene:
-        """Ground-truth :class:`Scene` of sample ``i``."""
+        """Ground-truth :class:`Scene` of sample ``i`` (with ``lighting``, its caption ends with the lighting)."""
         i = self._index(i)
+        scene = self._layout(i)
+        if not self.lighting:
+            return scene
+        key = "dim" if self._gain(i) < 1.0 else "bright"
+        return dataclasses.replace(scene, caption=f"{scene.caption} {LIGHTING_PHRASES[key]}")
+
+    def _layout(self, i: int) -> Scene:
         rng = np.random.default_rng([self.seed, SPLITS.index(self.split), i])
         composable = self.split == "heldout"
         for _ in range(_MAX_SPLIT_TRIES):
@@ -240,9 +269,8 @@ class ShapesDataset(Dataset):
         i = self._index(i)
         scene = self.scene(i)
         chw = _render_chw(scene, self.background, self.shadow).astype(np.float32)
-        if self.exposure > 0:  # global exposure of this image, from its own stream (the layout is unaffected)
-            gain = 1.0 - self.exposure * np.random.default_rng([self.seed, SPLITS.index(self.split), i, 1]).random()
-            chw = np.rint(chw * np.float32(gain))
+        if self.exposure > 0:  # global exposure of this image
+            chw = np.rint(chw * np.float32(self._gain(i)))
         chw *= np.float32(1.0 / 127.5)
         chw -= np.float32(1.0)
         image = torch.from_numpy(chw)

@@ -60,6 +60,8 @@ RELATION_PHRASES: dict[str, str] = {
     "above": "above",
     "below": "below",
 }
+# Optional lighting suffix (``ShapesDataset(lighting=True)``): the caption names the image's exposure level.
+LIGHTING_PHRASES: dict[str, str] = {"bright": "in bright light", "dim": "in dim light"}
 _CONVERSE = {"left of": "right of", "right of": "left of", "above": "below", "below": "above"}
 # Family probabilities (single, relation, count) and object sizes as fractions of the resolution.
 _FAMILY_PROBS = (0.25, 0.45, 0.30)
@@ -176,9 +178,20 @@ def _caption_regex() -> re.Pattern[str]:
     )
 
 
+def split_lighting(caption: str) -> tuple[str, str | None]:
+    """``(caption without its lighting suffix, lighting key or None)``: "a red circle in dim light" ->
+    ("a red circle", "dim")."""
+    text = caption.strip()
+    for key, phrase in LIGHTING_PHRASES.items():
+        if text.lower().endswith(" " + phrase):
+            return text[: -len(phrase) - 1].rstrip(), key
+    return text, None
+
+
 def parse_caption(caption: str) -> SceneSpec:
-    """Parse a caption produced by this module back into its :class:`SceneSpec` (``ValueError`` otherwise)."""
-    m = _caption_regex().match(caption.strip().lower())
+    """Parse a caption produced by this module back into its :class:`SceneSpec` (``ValueError`` otherwise); a
+    lighting suffix ("... in dim light") is allowed and ignored (see :func:`split_lighting`)."""
+    m = _caption_regex().match(split_lighting(caption)[0].lower())
     if m is None:
         raise ValueError(f"not a shapes caption: {caption!r}")
     if m["n"]:

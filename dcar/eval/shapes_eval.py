@@ -6,8 +6,9 @@ pipeline draws ``n_per_caption`` images for it, and the programmatic detector
 (:func:`~dcar.eval.shapes_detector.detect_objects`, exact on clean renders) scores every image with
 :func:`~dcar.eval.shapes_detector.score_scene`: per-attribute correctness ``color`` / ``shape`` / ``count`` /
 ``relation`` (relation captions only) and ``full`` (the multiset of detected (colour, shape) pairs equals the
-caption's, and the relation holds). :func:`aggregate` averages them over images (``relation`` over relation images),
-overall and per caption family. :func:`validate_scorer` checks the scorer itself: on the dataset's own renders it must
+caption's, and the relation holds); ``lighting`` (captions that name it, "... in dim light": the background's
+brightness, :func:`detect_lighting`; not part of ``full``). :func:`aggregate` averages them over images
+(``relation`` over relation images, ``lighting`` over lit captions), overall and per caption family. :func:`validate_scorer` checks the scorer itself: on the dataset's own renders it must
 give a full-caption rate >= 0.99 for their captions and <= 0.05 for shuffled captions (:func:`write_scorer_validation`
 saves that report as ``<out>/scorer_validation.json``).
 
@@ -21,6 +22,7 @@ run resumes with identical results.
 
 from __future__ import annotations
 
+import dataclasses
 import json
 import os
 from collections.abc import Callable, Mapping, Sequence
@@ -31,28 +33,33 @@ import numpy as np
 import torch
 from PIL import Image
 
-from dcar.data.shapes import Scene, ShapesDataset, layout_spec, parse_caption
+from dcar.data.shapes import Scene, ShapesDataset, layout_spec, parse_caption, split_lighting
 from dcar.eval import runner as R
 from dcar.eval.generate import GenJob, generate_missing
-from dcar.eval.shapes_detector import detect_objects, score_scene
+from dcar.eval.shapes_detector import detect_objects, score_scene, to_uint8_rgb
 
-__all__ = ["ATTRIBUTES", "aggregate", "evaluate_shapes", "heldout_captions", "scene_for", "score_shapes_image",
-           "validate_scorer", "write_scorer_validation"]
+__all__ = ["ATTRIBUTES", "DIM_THRESHOLD", "aggregate", "detect_lighting", "evaluate_shapes", "heldout_captions",
+           "scene_for", "score_shapes_image", "validate_scorer", "write_scorer_validation"]
 
-ATTRIBUTES: tuple[str, ...] = ("color", "shape", "count", "relation", "full")
+ATTRIBUTES: tuple[str, ...] = ("color", "shape", "count", "relation", "full", "lighting")
+# A caption's lighting ("... in dim light", ShapesDataset(lighting=True)) is scored from the white background's
+# brightness: the median over pixels of the brightest channel, dim below this fraction of 255 (the midpoint of the
+# shapes configs' levels 1 and 1 - 0.12).
+DIM_THRESHOLD = 0.94
 RESULTS_NAME = "shapes_eval.json"
 VALIDATION_NAME = "scorer_validation.json"
 MIN_TRUE_FULL_RATE, MAX_SHUFFLED_FULL_RATE = 0.99, 0.05  # what validate_scorer must give
 
 
 def scene_for(item: str | Scene | Mapping[str, Any], resolution: int = 64) -> Scene:
-    """Ground-truth scene of a caption (its parsed spec with a fixed layout; only the spec is scored), or a
-    :class:`Scene` / ``Scene.to_dict()`` as is."""
+    """Ground-truth scene of a caption (its parsed spec with a fixed layout; only the spec is scored; the caption is
+    kept as given, lighting suffix included), or a :class:`Scene` / ``Scene.to_dict()`` as is."""
     if isinstance(item, Scene):
         return item
     if isinstance(item, Mapping):
         return Scene.from_dict(dict(item))
-    return layout_spec(np.random.default_rng(0), parse_caption(item), resolution)
+    scene = layout_spec(np.random.default_rng(0), parse_caption(item), resolution)
+    return dataclasses.replace(scene, caption=item.strip())
 
 
 def heldout_captions(num_captions: int = 0, seed: int = 0, data_seed: int = 0, max_objects: int = 4) -> list[str]:
@@ -65,10 +72,21 @@ def heldout_captions(num_captions: int = 0, seed: int = 0, data_seed: int = 0, m
     return caps
 
 
+def detect_lighting(image: Image.Image | np.ndarray | torch.Tensor) -> str:
+    """"bright" or "dim": the median of the per-pixel brightest channel (the white background on most pixels)
+    against :data:`DIM_THRESHOLD` (any image form :func:`~dcar.eval.shapes_detector.to_uint8_rgb` takes)."""
+    arr = to_uint8_rgb(image)
+    return "dim" if float(np.median(arr.max(axis=-1))) < DIM_THRESHOLD * 255 else "bright"
+
+
 def score_shapes_image(image: Image.Image | np.ndarray | torch.Tensor, scene: Scene) -> dict[str, Any]:
-    """Detect the shapes of ``image`` and score them against ``scene``: the attribute flags plus the detections."""
+    """Detect the shapes of ``image`` and score them against ``scene``: the attribute flags plus the detections;
+    ``lighting`` is scored when the scene's caption names it (else None)."""
     dets = detect_objects(image)
-    return {**score_scene(dets, scene), "detections": [[d.color, d.shape, list(d.box)] for d in dets]}
+    want = split_lighting(scene.caption)[1]
+    lighting = None if want is None else detect_lighting(image) == want
+    return {**score_scene(dets, scene), "lighting": lighting,
+            "detections": [[d.color, d.shape, list(d.box)] for d in dets]}
 
 
 def _mean(flags: Sequence[bool | None]) -> float | None:
@@ -81,7 +99,7 @@ def aggregate(records: Sequence[Mapping[str, Any]]) -> dict[str, Any]:
     caption family (``kind``), plus the fraction of captions with at least one fully correct sample."""
     if not records:
         raise ValueError("no records to aggregate")
-    scores: dict[str, Any] = {a: _mean([r[a] for r in records]) for a in ATTRIBUTES}
+    scores: dict[str, Any] = {a: _mean([r.get(a) for r in records]) for a in ATTRIBUTES}
     per_caption: dict[int, bool] = {}
     for r in records:
         per_caption[r["index"]] = per_caption.get(r["index"], False) or bool(r["full"])
@@ -90,7 +108,7 @@ def aggregate(records: Sequence[Mapping[str, Any]]) -> dict[str, Any]:
     by_kind: dict[str, Any] = {}
     for kind in sorted({r["kind"] for r in records}):
         sub = [r for r in records if r["kind"] == kind]
-        by_kind[kind] = {**{a: _mean([r[a] for r in sub]) for a in ATTRIBUTES}, "num_images": len(sub)}
+        by_kind[kind] = {**{a: _mean([r.get(a) for r in sub]) for a in ATTRIBUTES}, "num_images": len(sub)}
     return {"scores": scores, "by_kind": by_kind}
 
 

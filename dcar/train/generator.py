@@ -77,12 +77,13 @@ class GeneratorStep(nn.Module):
 
 
 def word_vocabulary_captions(cfg: GeneratorTrainConfig) -> list[str]:
-    """Every caption the shapes data can produce (train and held-out share one vocabulary of words)."""
-    from dcar.data.shapes import split_captions
+    """Every caption the shapes data can produce (train and held-out share one vocabulary of words), plus the
+    lighting phrases (always: a token cache does not say whether its captions carry them)."""
+    from dcar.data.shapes import LIGHTING_PHRASES, split_captions
 
     s = cfg.data.shapes
     return sorted(split_captions("train", cfg.data.seed, s.max_objects) |
-                  split_captions("heldout", cfg.data.seed, s.max_objects))
+                  split_captions("heldout", cfg.data.seed, s.max_objects) | set(LIGHTING_PHRASES.values()))
 
 
 def _is_shapes_data(cfg: GeneratorTrainConfig) -> bool:
