@@ -237,7 +237,7 @@ def test_lighting_is_scored_from_the_background_and_prompts_keep_it(tmp_path):
             out = [items[p] for p in prompts]
             if self.flip:  # the other lighting level: bright <-> dim
                 out = [((x + 1) / (0.88 if p.endswith("dim light") else 1 / 0.88) - 1).clamp(-1, 1)
-                       for x, p in zip(out, prompts)]
+                       for x, p in zip(out, prompts, strict=True)]
             return torch.stack(out)
 
     right = LitPipe(False)
