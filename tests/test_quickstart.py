@@ -28,7 +28,7 @@ def test_quickstart_ci_runs_every_phase_and_resumes(tmp_path):
         scores = metrics["shapes_eval"][name]
         assert set(scores) == {"color", "shape", "count", "relation", "full", "lighting"}
         assert all(v is None or 0.0 <= v <= 1.0 for v in scores.values())
-        assert scores["lighting"] is not None  # the shapes configs' captions name the lighting
+        assert scores["lighting"] is None  # the default shapes captions do not name a lighting
         assert (tmp_path / "shapes_eval" / name / "shapes_eval.json").is_file()
     res = metrics["residual"]
     assert metrics["residual_gain_db"] == res["psnr_tokens_plus_sampled_residual"] - res["psnr_tokens"]

@@ -352,8 +352,7 @@ def test_align_from_config() -> None:
     root = __import__("pathlib").Path(__file__).resolve().parents[1]
     cfg = load_config(TokenizerTrainConfig, [f"config={root}/configs/tokenizer/shapes.yaml", "data.shapes.align=32"])
     ds = build_dataset(cfg.data, "train")
-    assert ds.align == 32 and ds.scene(0) == ShapesDataset(size=1, resolution=128, grid=16, align=32, exposure=0.12,
-                                                           lighting=True).scene(0)
+    assert ds.align == 32 and ds.scene(0) == ShapesDataset(size=1, resolution=128, grid=16, align=32).scene(0)
 
 
 def test_other_backgrounds() -> None:

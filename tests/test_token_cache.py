@@ -89,8 +89,7 @@ def test_generator_training_from_cache_equals_from_images(tmp_path, tokenizer_di
 
     cmd = [sys.executable, str(ROOT / "scripts" / "pretokenize.py"), f"tokenizer={tokenizer_dir}", "data=shapes",
            "data.resolution=64", "data.shapes.size=64", "num_samples=64", "shard_size=32", "batch_size=8",
-           "data.shapes.align=32", "data.shapes.exposure=0.12", "data.shapes.lighting=true",  # the layout of
-           # configs/generator/shapes.yaml
+           "data.shapes.align=32", "data.shapes.exposure=0.12",  # the layout of configs/generator/shapes.yaml
            f"out={tmp_path / 'cache'}", "progress=false"]
     # same thread count and batch size as the in-loop encoder: float results of a conv can depend on both
     threads = str(torch.get_num_threads())
