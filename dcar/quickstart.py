@@ -81,7 +81,7 @@ class QuickstartConfig:
 # Steps per tokenizer stage for the full run and for the CI variant.
 STAGE_STEPS: dict[str, tuple[int, int]] = {"warmup": (500, 12), "discrete": (250, 12), "alternate": (600, 12)}
 STAGES = ("warmup", "discrete", "alternate")
-GENERATOR_STEPS = (1400, 12)
+GENERATOR_STEPS = (1500, 12)
 CACHE_IMAGES = (12288, 64)  # full run, CI variant
 
 

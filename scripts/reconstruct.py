@@ -41,17 +41,6 @@ class ReconstructConfig:
     device: str = "auto"  # auto: cuda if available, else cpu
 
 
-def run_resolution(tokenizer: Path) -> int | None:
-    """``data.resolution`` of the training run that wrote ``tokenizer`` (``<run>/final``), if recorded."""
-    path = tokenizer.parent / "config.yaml"
-    if not path.is_file():
-        return None
-    from omegaconf import OmegaConf
-
-    value = OmegaConf.select(OmegaConf.load(path), "data.resolution")
-    return int(value) if value else None
-
-
 def main(argv: Sequence[str]) -> None:
     cfg = load_config(ReconstructConfig, argv)
     if not cfg.tokenizer:
@@ -64,20 +53,21 @@ def main(argv: Sequence[str]) -> None:
     import torch
     from torch.utils.data import Subset
 
+    from dcar.data.build import run_data_config, shapes_dataset
     from dcar.eval.reconstruction import evaluate_reconstruction
     from dcar.models.tokenizer import DCHT
     from dcar.train.logging import save_image_grid
     from dcar.utils.atomic import atomic_write_text
 
     tok_path = Path(cfg.tokenizer)
-    resolution = cfg.resolution or run_resolution(tok_path) or 256
+    run_data = run_data_config(tok_path)  # the tokenizer's training run, when its config.yaml sits above final/
+    resolution = cfg.resolution or (run_data.resolution if run_data is not None else 256)
     device = torch.device("cuda" if cfg.device == "auto" and torch.cuda.is_available()
                           else "cpu" if cfg.device == "auto" else cfg.device)
     tokenizer = DCHT.from_pretrained(tok_path).to(device).eval()
 
     if cfg.data == "shapes":
         from dcar.config import DataConfig
-        from dcar.data.build import run_data_config, shapes_dataset
 
         # the layout (grid, align, exposure, ...) the tokenizer was trained on
         data = run_data_config(tok_path, kind="shapes") or DataConfig(kind="shapes")

@@ -57,6 +57,9 @@ class OptimConfig:
     warmup_steps: int = 0
     schedule: str = choice("constant", "constant", "cosine")
     min_lr_ratio: float = 0.0
+    # torch's fused AdamW kernel (CPU and CUDA; the same update as the default foreach one up to float rounding):
+    # 6-13% faster generator steps on 2 CPU cores for the shapes configs (README)
+    fused: bool = False
 
 
 @dataclass

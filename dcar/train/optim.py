@@ -31,7 +31,8 @@ def build_optimizer(modules: Iterable[nn.Module], cfg: OptimConfig, lr_mult: flo
     groups = param_groups(modules, cfg.weight_decay)
     if not groups:
         raise ValueError("no trainable parameters to optimise")
-    return torch.optim.AdamW(groups, lr=cfg.lr * lr_mult, betas=tuple(cfg.betas), eps=cfg.eps)
+    return torch.optim.AdamW(groups, lr=cfg.lr * lr_mult, betas=tuple(cfg.betas), eps=cfg.eps,
+                             fused=True if cfg.fused else None)
 
 
 def lr_factor(step: int, total_steps: int, cfg: OptimConfig) -> float:
