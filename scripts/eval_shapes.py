@@ -3,6 +3,7 @@
     python scripts/eval_shapes.py pipeline=runs/shapes/pipeline out=results/shapes
     python scripts/eval_shapes.py pipeline=... out=results/shapes_discrete use_head=false   # discrete-only ablation
     python scripts/eval_shapes.py pipeline=... num_captions=128 n_per_caption=4 seed=0
+    python scripts/eval_shapes.py pipeline=runs/quickstart/generator/pipeline guidance_scale=1.5 cfg_schedule=constant
     accelerate launch --num_processes 4 scripts/eval_shapes.py pipeline=... out=...
     python scripts/eval_shapes.py validate=true out=results/shapes   # the scorer on the dataset's own renders
 
@@ -42,6 +43,10 @@ class ShapesEvalConfig:
     batch_size: int = 16
     num_steps: int = 12
     guidance_scale: float | None = None  # None: the pipeline's default
+    cfg_schedule: str = "linear"  # "linear" (MAR's ramp, the pipeline's default) or "constant" (the quickstart's)
+    # Append "in bright light" / "in dim light" (alternating) to the held-out captions: for generators trained with
+    # data.shapes.lighting=true; the lighting attribute is then scored
+    lighting: bool = False
     use_head: bool = True
     max_failures: int = 64
     validate: bool = False  # only check the scorer on ground-truth renders (writes <out>/scorer_validation.json)
@@ -56,6 +61,10 @@ def main(argv: Sequence[str]) -> dict[str, Any]:
     from dcar.eval.shapes_eval import VALIDATION_NAME, evaluate_shapes, heldout_captions, write_scorer_validation
 
     cfg = load_config(ShapesEvalConfig, argv)
+    from dcar.sampling import CFG_SCHEDULES
+
+    if cfg.cfg_schedule not in CFG_SCHEDULES:
+        raise ConfigError(f"cfg_schedule={cfg.cfg_schedule!r}: use one of {CFG_SCHEDULES}")
     if cfg.validate:
         report = write_scorer_validation(cfg.out, cfg.validate_images, data_seed=cfg.data_seed)
         print(json.dumps({k: report[k] for k in ("true_full_rate", "shuffled_full_rate", "num_images", "passed")}))
@@ -73,6 +82,12 @@ def main(argv: Sequence[str]) -> dict[str, Any]:
         captions = heldout_captions(cfg.num_captions, cfg.seed, cfg.data_seed, cfg.max_objects)
         source = (f"ShapesDataset heldout captions (data_seed={cfg.data_seed}, max_objects={cfg.max_objects}, "
                   f"num_captions={cfg.num_captions or 'all'}, subset seed={cfg.seed})")
+        if cfg.lighting:
+            from dcar.data.shapes import LIGHTING_PHRASES
+
+            phrases = list(LIGHTING_PHRASES.values())
+            captions = [f"{c} {phrases[i % len(phrases)]}" for i, c in enumerate(captions)]
+            source += ", lighting phrases alternating"
     if not captions:
         raise ConfigError("no captions to evaluate")
     ctx = dist_context(cfg.device)
@@ -83,7 +98,8 @@ def main(argv: Sequence[str]) -> dict[str, Any]:
         pipe = DCARPipeline.from_pretrained(cfg.pipeline, device=ctx.device)
     return evaluate_shapes(pipe, captions, cfg.out, n_per_caption=cfg.n_per_caption, seed=cfg.seed,
                            batch_size=cfg.batch_size, num_steps=cfg.num_steps, guidance_scale=cfg.guidance_scale,
-                           use_head=cfg.use_head, max_failures=cfg.max_failures, pipeline_path=cfg.pipeline,
+                           use_head=cfg.use_head, pipe_kwargs={"cfg_schedule": cfg.cfg_schedule},
+                           max_failures=cfg.max_failures, pipeline_path=cfg.pipeline,
                            source=source, ctx=ctx, progress=cfg.progress)
 
 

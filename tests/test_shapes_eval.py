@@ -189,6 +189,14 @@ def test_script(tiny_pipe, tmp_path, capsys):
     assert "scorer_validation.json" in capsys.readouterr().out
     with pytest.raises(ConfigError, match="not a shapes caption"):
         mod["main"]([f"pipeline={tmp_path / 'pipe'}", "captions=a photo of a cat"])
+    with pytest.raises(ConfigError, match=r"cfg_schedule='cosine': use one of \('constant', 'linear'\)"):
+        mod["main"]([f"pipeline={tmp_path / 'pipe'}", "cfg_schedule=cosine"])
+    lit = mod["main"]([f"pipeline={tmp_path / 'pipe'}", f"out={tmp_path / 'lit'}", "num_captions=2", "num_steps=2",
+                       "use_head=false", "lighting=true", "cfg_schedule=constant", "guidance_scale=2"])
+    rows = [json.loads(x) for x in (tmp_path / "lit" / "per_image.jsonl").read_text().splitlines()]
+    assert [r["caption"].rsplit(" ", 3)[1:] for r in rows] == [["in", "bright", "light"], ["in", "dim", "light"]]
+    assert all(r["lighting"] in (True, False) for r in rows) and lit["scores"]["lighting"] is not None
+    assert lit["sampler"]["cfg_schedule"] == "constant" and res["sampler"]["cfg_schedule"] == "linear"
 
 
 def test_score_reconstructions_of_a_perfect_and_a_blank_tokenizer():
