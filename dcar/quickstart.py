@@ -79,9 +79,9 @@ class QuickstartConfig:
 
 
 # Steps per tokenizer stage for the full run and for the CI variant.
-STAGE_STEPS: dict[str, tuple[int, int]] = {"warmup": (500, 12), "discrete": (250, 12), "alternate": (600, 12)}
+STAGE_STEPS: dict[str, tuple[int, int]] = {"warmup": (400, 12), "discrete": (200, 12), "alternate": (400, 12)}
 STAGES = ("warmup", "discrete", "alternate")
-GENERATOR_STEPS = (1500, 12)
+GENERATOR_STEPS = (2000, 12)
 CACHE_IMAGES = (12288, 64)  # full run, CI variant
 
 
