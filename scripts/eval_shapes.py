@@ -25,6 +25,7 @@ from typing import Any
 
 from dcar.cli import run_cli
 from dcar.config import ConfigError, load_config
+from dcar.config.schema import choice
 
 
 @dataclass
@@ -43,7 +44,8 @@ class ShapesEvalConfig:
     batch_size: int = 16
     num_steps: int = 12
     guidance_scale: float | None = None  # None: the pipeline's default
-    cfg_schedule: str = "linear"  # "linear" (MAR's ramp, the pipeline's default) or "constant" (the quickstart's)
+    # "linear" (MAR's ramp, the pipeline's default) or "constant" (the quickstart's): dcar.sampling.CFG_SCHEDULES
+    cfg_schedule: str = choice("linear", "constant", "linear")
     # Append "in bright light" / "in dim light" (alternating) to the held-out captions: for generators trained with
     # data.shapes.lighting=true; the lighting attribute is then scored
     lighting: bool = False
@@ -61,10 +63,6 @@ def main(argv: Sequence[str]) -> dict[str, Any]:
     from dcar.eval.shapes_eval import VALIDATION_NAME, evaluate_shapes, heldout_captions, write_scorer_validation
 
     cfg = load_config(ShapesEvalConfig, argv)
-    from dcar.sampling import CFG_SCHEDULES
-
-    if cfg.cfg_schedule not in CFG_SCHEDULES:
-        raise ConfigError(f"cfg_schedule={cfg.cfg_schedule!r}: use one of {CFG_SCHEDULES}")
     if cfg.validate:
         report = write_scorer_validation(cfg.out, cfg.validate_images, data_seed=cfg.data_seed)
         print(json.dumps({k: report[k] for k in ("true_full_rate", "shuffled_full_rate", "num_images", "passed")}))

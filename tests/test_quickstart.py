@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import dataclasses
 import json
 import shutil
 
@@ -64,9 +65,12 @@ def test_quickstart_rejects_an_unknown_cfg_schedule_before_any_work(tmp_path):
     import pytest
 
     from dcar.config.loader import ConfigError
+    from dcar.sampling import CFG_SCHEDULES
 
-    with pytest.raises(ConfigError, match=r"cfg_schedule='cosine': use one of \('constant', 'linear'\)"):
+    with pytest.raises(ConfigError, match=r"invalid choice 'cosine' for 'cfg_schedule'; valid choices: constant, linear"):
         load_config(QuickstartConfig, [f"out={tmp_path / 'qs'}", "cfg_schedule=cosine"])
+    field = next(f for f in dataclasses.fields(QuickstartConfig) if f.name == "cfg_schedule")
+    assert field.metadata["choices"] == CFG_SCHEDULES  # the sampler's schedules, no more, no fewer
     assert not (tmp_path / "qs").exists()
     assert Quickstart(load_config(QuickstartConfig, [f"out={tmp_path / 'qs'}"])).sampler_kwargs(False) == {
         "cfg_schedule": "constant"}

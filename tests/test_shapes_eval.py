@@ -1,6 +1,7 @@
 """ShapesEval (dcar.eval.shapes_eval, scripts/eval_shapes.py): the scorer on ground-truth renders and shuffled
 captions, aggregation, perfect / wrong fake pipelines, use_head pass-through, and an interrupted + resumed run."""
 
+import dataclasses
 import json
 import runpy
 from pathlib import Path
@@ -189,8 +190,12 @@ def test_script(tiny_pipe, tmp_path, capsys):
     assert "scorer_validation.json" in capsys.readouterr().out
     with pytest.raises(ConfigError, match="not a shapes caption"):
         mod["main"]([f"pipeline={tmp_path / 'pipe'}", "captions=a photo of a cat"])
-    with pytest.raises(ConfigError, match=r"cfg_schedule='cosine': use one of \('constant', 'linear'\)"):
+    with pytest.raises(ConfigError, match=r"invalid choice 'cosine' for 'cfg_schedule'; valid choices: constant, linear"):
         mod["main"]([f"pipeline={tmp_path / 'pipe'}", "cfg_schedule=cosine"])
+    from dcar.sampling import CFG_SCHEDULES
+
+    field = next(f for f in dataclasses.fields(mod["ShapesEvalConfig"]) if f.name == "cfg_schedule")
+    assert field.metadata["choices"] == CFG_SCHEDULES  # the sampler's schedules, no more, no fewer
     lit = mod["main"]([f"pipeline={tmp_path / 'pipe'}", f"out={tmp_path / 'lit'}", "num_captions=2", "num_steps=2",
                        "use_head=false", "lighting=true", "cfg_schedule=constant", "guidance_scale=2"])
     rows = [json.loads(x) for x in (tmp_path / "lit" / "per_image.jsonl").read_text().splitlines()]

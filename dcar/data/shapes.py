@@ -250,10 +250,13 @@ class ShapesDataset(Dataset):
     def scene(self, i: int) -> Scene:
         """Ground-truth :class:`Scene` of sample ``i`` (with ``lighting``, its caption ends with the lighting)."""
         i = self._index(i)
-        scene = self._layout(i)
+        return self._lit(self._layout(i), self._gain(i))
+
+    def _lit(self, scene: Scene, gain: float) -> Scene:
+        """``scene`` with its caption naming the lighting of ``gain`` (with ``lighting``; else as is)."""
         if not self.lighting:
             return scene
-        key = "dim" if self._gain(i) < 1.0 else "bright"
+        key = "dim" if gain < 1.0 else "bright"
         return dataclasses.replace(scene, caption=f"{scene.caption} {LIGHTING_PHRASES[key]}")
 
     def _layout(self, i: int) -> Scene:
@@ -267,10 +270,11 @@ class ShapesDataset(Dataset):
 
     def __getitem__(self, i: int) -> dict[str, Any]:
         i = self._index(i)
-        scene = self.scene(i)
+        gain = self._gain(i)
+        scene = self._lit(self._layout(i), gain)
         chw = _render_chw(scene, self.background, self.shadow).astype(np.float32)
         if self.exposure > 0:  # global exposure of this image
-            chw = np.rint(chw * np.float32(self._gain(i)))
+            chw = np.rint(chw * np.float32(gain))
         chw *= np.float32(1.0 / 127.5)
         chw -= np.float32(1.0)
         image = torch.from_numpy(chw)

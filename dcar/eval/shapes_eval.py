@@ -8,9 +8,10 @@ pipeline draws ``n_per_caption`` images for it, and the programmatic detector
 ``relation`` (relation captions only) and ``full`` (the multiset of detected (colour, shape) pairs equals the
 caption's, and the relation holds); ``lighting`` (captions that name it, "... in dim light": the background's
 brightness, :func:`detect_lighting`; not part of ``full``). :func:`aggregate` averages them over images
-(``relation`` over relation images, ``lighting`` over lit captions), overall and per caption family. :func:`validate_scorer` checks the scorer itself: on the dataset's own renders it must
-give a full-caption rate >= 0.99 for their captions and <= 0.05 for shuffled captions (:func:`write_scorer_validation`
-saves that report as ``<out>/scorer_validation.json``).
+(``relation`` over relation images, ``lighting`` over lit captions), overall and per caption family.
+:func:`validate_scorer` checks the scorer itself: on the dataset's own renders it must give a full-caption rate
+>= 0.99 for their captions and <= 0.05 for shuffled captions (:func:`write_scorer_validation` saves that report as
+``<out>/scorer_validation.json``).
 
 Layout of ``out_dir`` (:func:`evaluate_shapes`): ``images/<caption index:05d>_<sample:02d>.png``, ``generation.json``
 (settings; a resumed run must use the same), ``per_image.jsonl``, ``failures.png`` (captioned grid of failed images,
