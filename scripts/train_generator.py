@@ -13,17 +13,12 @@ from __future__ import annotations
 
 from collections.abc import Sequence
 
-from dcar.cli import configs_dir, data_preset, run_cli
-from dcar.config import load_config
+from dcar.cli import run_cli
+from dcar.train.cli import train_generator
 
 
 def main(argv: Sequence[str]) -> None:
-    from dcar.train.generator import GeneratorTrainConfig, GeneratorTrainer
-
-    cfg = load_config(GeneratorTrainConfig, argv, default_config=configs_dir() / "generator" / "dcar_256.yaml",
-                      presets=[data_preset()])
-    final = GeneratorTrainer(cfg, argv=["scripts/train_generator.py", *argv]).fit()
-    print(f"saved {final}")
+    print(f"saved {train_generator(argv)}")
 
 
 if __name__ == "__main__":

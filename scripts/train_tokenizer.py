@@ -13,17 +13,12 @@ from __future__ import annotations
 
 from collections.abc import Sequence
 
-from dcar.cli import configs_dir, data_preset, run_cli
-from dcar.config import load_config
+from dcar.cli import run_cli
+from dcar.train.cli import train_tokenizer
 
 
 def main(argv: Sequence[str]) -> None:
-    from dcar.train.tokenizer import TokenizerTrainConfig, TokenizerTrainer
-
-    cfg = load_config(TokenizerTrainConfig, argv, default_config=configs_dir() / "tokenizer" / "dcht_f32c32.yaml",
-                      presets=[data_preset()])
-    final = TokenizerTrainer(cfg, argv=["scripts/train_tokenizer.py", *argv]).fit()
-    print(f"saved {final}")
+    print(f"saved {train_tokenizer(argv)}")
 
 
 if __name__ == "__main__":

@@ -5,26 +5,37 @@ from __future__ import annotations
 import dataclasses
 import json
 import shutil
+import time
 
 import numpy as np
+import torch
 from PIL import Image
+from safetensors.torch import load_file
 
 from dcar.config import load_config
+from dcar.data.token_cache import TokenCacheDataset
+from dcar.pipeline import DCARPipeline
 from dcar.quickstart import Quickstart, QuickstartConfig
 
 
 def test_quickstart_ci_runs_every_phase_and_resumes(tmp_path):
     cfg = load_config(QuickstartConfig, [f"out={tmp_path}", "ci=true", "progress=false", "seed=3"])
+    t0 = time.perf_counter()
     metrics = Quickstart(cfg).run()
+    wall = time.perf_counter() - t0
     tok = metrics["tokenizer"]
     assert set(tok) >= {"psnr_continuous", "psnr_discrete", "ssim_continuous", "codebook_usage"}
     assert 5.0 < tok["psnr_discrete"] < 60.0 and 0.0 < tok["codebook_usage"] <= 1.0
     ceiling = tok["shapes_eval_recon"]
     assert set(ceiling) == {"continuous", "discrete"} and all(set(v) == {"shape", "full"} for v in ceiling.values())
     assert all(v is None or 0.0 <= v <= 1.0 for s in ceiling.values() for v in s.values())
-    assert set(metrics["wall_s"]) == {"tokenizer_warmup", "tokenizer_discrete", "tokenizer_alternate",
-                                      "eval_tokenizer", "pretokenize", "generator", "samples", "shapes_eval_hybrid",
-                                      "shapes_eval_discrete_only", "residual_gain", "total"}
+    assert set(metrics["wall_s"]) == {"tokenizer_warmup", "tokenizer_discrete", "tokenizer_merge",
+                                      "tokenizer_alternate", "pretokenize", "generator", "eval_tokenizer", "pipeline",
+                                      "samples", "shapes_eval_hybrid", "shapes_eval_discrete_only", "residual_gain",
+                                      "total"}
+    # the total is the wall clock, not the sum of phases that partly ran side by side
+    assert abs(metrics["wall_s"]["total"] - wall) < 2.0
+    assert metrics["wall_s"]["tokenizer_alternate"] > 0 and (tmp_path / "tokenizer" / "alternate.log").is_file()
     for name in ("hybrid", "discrete_only"):
         scores = metrics["shapes_eval"][name]
         assert set(scores) == {"color", "shape", "count", "relation", "full", "lighting"}
@@ -44,13 +55,28 @@ def test_quickstart_ci_runs_every_phase_and_resumes(tmp_path):
     cache = json.loads((tmp_path / "tokens" / "train" / "cache.json").read_text())
     assert cache["num_samples"] == 64 and cache["grid"] == [4, 4] and cache["source"]["data"] == "shapes"
     assert (tmp_path / "generator" / "pipeline" / "generator" / "model.safetensors").is_file()
-    for stage in ("warmup", "discrete", "alternate"):
+    # caption features cached by pretokenize == those of the generator's own (exported) frozen text encoder
+    assert cache["text_features"]
+    cached = TokenCacheDataset(tmp_path / "tokens" / "train")
+    states, mask = DCARPipeline.from_pretrained(tmp_path / "generator" / "pipeline").text_encoder.encode(
+        [cached[i]["caption"] for i in range(4)])
+    assert torch.allclose(torch.stack([cached[i]["text_states"] for i in range(4)]), states, atol=1e-6)
+    assert torch.equal(torch.stack([cached[i]["text_mask"] for i in range(4)]), mask)
+    for stage in ("warmup", "discrete", "merge", "alternate"):
         assert (tmp_path / "tokenizer" / stage / "final" / "model.safetensors").is_file()
         assert (tmp_path / "tokenizer" / stage / "config.yaml").is_file()
+    # the pipeline holds the finished tokenizer: the alternate stage's decoder on the merge phase's frozen codes
+    merged, final = (load_file(str(tmp_path / "tokenizer" / s / "final" / "model.safetensors"))
+                     for s in ("merge", "alternate"))
+    piped = load_file(str(tmp_path / "generator" / "pipeline" / "tokenizer" / "model.safetensors"))
+    assert piped.keys() == final.keys() and all(torch.equal(piped[k], final[k]) for k in final)
+    assert all(torch.equal(merged[k], final[k]) for k in final if not k.startswith("decoder."))
+    assert not all(torch.equal(merged[k], final[k]) for k in final if k.startswith("decoder."))
 
     # an interrupted run: the generator phase lost its final export and nothing after it ran
     state = json.loads((tmp_path / "state.json").read_text())
-    for phase in ("generator", "samples", "shapes_eval_hybrid", "shapes_eval_discrete_only", "residual_gain"):
+    for phase in ("generator", "eval_tokenizer", "pipeline", "samples", "shapes_eval_hybrid",
+                  "shapes_eval_discrete_only", "residual_gain"):
         del state["wall_s"][phase]
     (tmp_path / "state.json").write_text(json.dumps(state))
     shutil.rmtree(tmp_path / "generator" / "final")

@@ -177,3 +177,40 @@ def test_gradient_accumulation_equals_the_large_batch(tmp_path):
         torch.testing.assert_close(a[k], b[k], rtol=1e-5, atol=1e-6)
     meta = json.loads((tmp_path / "accum" / "checkpoints" / "step_00000005" / "meta.json").read_text())
     assert meta["samples_seen"] == 50
+
+
+class DenormalProbe(ToyTrainer):
+    """Records, at every step, whether a float32 subnormal survives arithmetic."""
+
+    def train_step(self, batch, step):
+        self.flushed = getattr(self, "flushed", []) + [float(torch.tensor([1e-40]) * 1.0) == 0.0]
+        return super().train_step(batch, step)
+
+
+@pytest.mark.parametrize("enabled", [True, False])
+def test_flush_denormal_holds_inside_fit_and_is_restored(tmp_path, enabled):
+    from accelerate import Accelerator
+
+    from dcar.utils.denormal import denormals_flushed
+
+    assert not denormals_flushed()
+    trainer = DenormalProbe(_cfg(tmp_path, steps=3, flush_denormal=enabled), accelerator=Accelerator(cpu=True),
+                            argv=["test"])
+    trainer.fit()
+    assert trainer.flushed == [enabled] * 3
+    assert not denormals_flushed()  # the process-wide mode is back to what it was
+    assert float(torch.tensor([1e-40]) * 1.0) > 0.0
+
+
+def test_flush_denormal_leaves_a_mode_set_by_the_caller():
+    from dcar.utils.denormal import denormals_flushed, flush_denormal
+
+    torch.set_flush_denormal(True)
+    try:
+        with flush_denormal(True) as active:
+            assert active and denormals_flushed()
+        assert denormals_flushed()  # the caller's setting survives the block
+    finally:
+        torch.set_flush_denormal(False)
+    with flush_denormal(False) as active:
+        assert not active and not denormals_flushed()

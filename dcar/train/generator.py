@@ -98,12 +98,13 @@ def _is_shapes_data(cfg: GeneratorTrainConfig) -> bool:
     return cfg.data.kind == "shapes"
 
 
-def build_frozen_text_encoder(cfg: GeneratorTrainConfig, run_dir: Path) -> TextEncoder:
+def build_frozen_text_encoder(cfg: GeneratorTrainConfig, run_dir: Path, shapes: bool | None = None) -> TextEncoder:
     """The configured encoder; a ``t5-random`` encoder without a tokenizer gets a word-level one built from the
-    shapes vocabulary (``<run.dir>/text_tokenizer``), also for a token cache of shapes images."""
+    shapes vocabulary (``<run.dir>/text_tokenizer``), also for a token cache of shapes images. ``shapes`` says
+    whether the data are shapes (None: read from ``cfg.data``, e.g. an existing cache's ``cache.json``)."""
     te = cfg.text_encoder
     if te.kind == "t5-random" and not te.tokenizer_path:
-        if not _is_shapes_data(cfg):
+        if not (_is_shapes_data(cfg) if shapes is None else shapes):
             raise ValueError("text_encoder.kind=t5-random needs text_encoder.tokenizer_path for non-shapes data")
         from dcar.models.generator import build_word_tokenizer
 

@@ -23,7 +23,7 @@ import random
 import re
 import time
 from abc import ABC, abstractmethod
-from collections.abc import Iterator, Mapping
+from collections.abc import Callable, Iterator, Mapping
 from datetime import timedelta
 from pathlib import Path
 from typing import Any
@@ -42,6 +42,7 @@ from dcar.train.ema import EMA
 from dcar.train.logging import MetricsLogger
 from dcar.train.optim import build_optimizer, build_scheduler
 from dcar.train.run_dir import prepare_run_dir
+from dcar.utils.denormal import flush_denormal
 
 logger = logging.getLogger(__name__)
 
@@ -146,6 +147,9 @@ class Trainer(ABC):
         self._step_bad = False
         self._bad_opts: set[str] = set()  # optimizers whose update this step is skipped
         self._micro = 0  # micro-batch index within the step (gradient accumulation)
+        # called with the step number after every optimizer step (e.g. the quickstart hands CPU threads back to
+        # the generator when the tokenizer stage running beside it ends)
+        self.step_hooks: list[Callable[[int], None]] = []
 
     # ----------------------------------------------------------------- subclass API
     @abstractmethod
@@ -395,7 +399,7 @@ class Trainer(ABC):
         bar = tqdm(total=cfg.train.steps, initial=self.step, desc="train", dynamic_ncols=True,
                    disable=not (acc.is_main_process and cfg.log.progress))
         data = self.batches()
-        with self._lost_processes_guard():
+        with self._lost_processes_guard(), flush_denormal(cfg.train.flush_denormal):
             self._loop(data, bar)
         bar.close()
         final = self.run_dir / "final"
@@ -439,6 +443,8 @@ class Trainer(ABC):
                     self.ema.update(self.unwrap("model"))
             self.step += 1
             bar.update(1)
+            for hook in self.step_hooks:
+                hook(self.step)
             if self.step % cfg.train.log_every == 0 or self.step == cfg.train.steps:
                 now = time.perf_counter()
                 logs = {**logs, **{f"grad_norm/{k}": v for k, v in self._grad_norms.items()},
