@@ -6,11 +6,12 @@ newest checkpoint through ``resume=auto``):
 1. ``tokenizer_warmup``, ``tokenizer_discrete``: DC-HT's first two stages on shapes (``configs/tokenizer/shapes.yaml``),
    each initialised from the previous stage's ``final/``; ``tokenizer_merge``: the alternate stage's synonym-code
    merge alone (zero steps), which fixes the encoder + codebook for good;
-2. ``tokenizer_alternate`` (decoder only), in a second process beside phases 3 (``overlap``; their tokens are the
-   same either way: the alternate stage freezes the encoder and codebook, and ``pipeline`` checks it);
-3. ``pretokenize``: train images encoded once with the merged codes, caption features stored with them
-   (``dcar.data.token_cache``); ``generator``: DC-AR (hybrid: discrete tokens + diffusion head) on shapes captions
-   (``configs/generator/shapes.yaml``) on top of the frozen tokenizer; writes ``generator/pipeline``;
+2. ``pretokenize``: train images encoded once with the merged codes, caption features stored with them
+   (``dcar.data.token_cache``);
+3. ``generator``: DC-AR (hybrid: discrete tokens + diffusion head) on shapes captions
+   (``configs/generator/shapes.yaml``) on top of the frozen tokenizer; writes ``generator/pipeline``; beside it, in a
+   second process (``overlap``), ``tokenizer_alternate`` (decoder only: the tokens are the same either way, since
+   the alternate stage freezes the encoder and codebook, and ``pipeline`` checks it);
 4. ``eval_tokenizer``: PSNR / SSIM of both decoding paths on held-out shapes images, codebook usage, a
    reconstruction grid, and ShapesEval of the reconstructions themselves (the ceiling of any generator decoding
    through this tokenizer); ``pipeline``: the finished tokenizer goes into ``generator/pipeline``;
@@ -74,8 +75,8 @@ class QuickstartConfig:
     head_guidance_scale: float = 1.0
     head_temperature: float = 0.2
     # Train the tokenizer's alternate stage (decoder only: its encoder and codebook are frozen, so the tokens do not
-    # change) in a second process beside pretokenize + generator, half the CPU threads each until it ends (README:
-    # two 1-thread jobs outrun one 2-thread job here). false: one phase after another, the same results.
+    # change) in a second process beside the generator, half the CPU threads each until it ends (README:
+    # two 1-thread jobs outrun one 2-thread job here). false: one phase after another (the same recipe).
     overlap: bool = True
     progress: bool = True
 
@@ -129,7 +130,7 @@ class Quickstart(EvalPhases):
     def tokenizer_dir(self, stage: str) -> Path:
         return self.out / "tokenizer" / stage
 
-    def tokenizer_argv(self, stage: str) -> list[str]:
+    def tokenizer_argv(self, stage: str, progress: bool | None = None) -> list[str]:
         """The tokenizer trainer's overrides for ``stage``; ``merge`` is the alternate stage's synonym-code merge alone
         (zero steps: the frozen encoder + codebook every later phase encodes with), which the alternate stage then
         starts from."""
@@ -138,7 +139,8 @@ class Quickstart(EvalPhases):
         steps = 0 if stage == "merge" else getattr(cfg, f"{stage}_steps") or STAGE_STEPS[stage][1 if cfg.ci else 0]
         argv = [f"config={self.tokenizer_config}", f"stage={train_stage}",
                 f"run.dir={self.tokenizer_dir(stage)}", f"train.steps={steps}", f"seed={cfg.seed}",
-                f"data.seed={cfg.seed}", f"log.progress={cfg.progress}", f"train.ckpt_every={max(1, steps // 3)}"]
+                f"data.seed={cfg.seed}", f"log.progress={cfg.progress if progress is None else progress}",
+                f"train.ckpt_every={max(1, steps // 3)}"]
         previous = {"discrete": "warmup", "merge": "discrete", "alternate": "merge"}
         if stage in previous:
             argv.append(f"init_from={self.tokenizer_dir(previous[stage]) / 'final'}")
@@ -154,21 +156,23 @@ class Quickstart(EvalPhases):
         train_tokenizer(self.tokenizer_argv(stage), prog="dcar.quickstart")
 
     @contextlib.contextmanager
-    def alternate_stage_beside(self) -> Iterator[None]:
-        """Run the ``tokenizer_alternate`` phase around the block: in a second process beside it (``overlap``),
-        else before it in this process. The block's trainers call ``self.companion.poll`` every step."""
+    def alternate_stage_beside(self, block: str) -> Iterator[None]:
+        """Run the ``tokenizer_alternate`` phase around the block (the phase ``block``): in a second process beside
+        it (``overlap``, unless ``block`` is done), else before it in this process. The block's trainer calls
+        ``self.companion.poll`` every step."""
         name = "tokenizer_alternate"
-        if name in self.state["wall_s"] or not self.cfg.overlap:
+        alone = not self.cfg.overlap or torch.get_num_threads() < 2  # one thread: nothing to share
+        if alone or name in self.state["wall_s"] or block in self.state["wall_s"]:
             self.phase(name, lambda: self.train_tokenizer("alternate"))
             yield
             return
         from dcar.utils.background import BackgroundJob
 
-        argv = [a.replace("log.progress=True", "log.progress=False") for a in self.tokenizer_argv("alternate")]
+        argv = self.tokenizer_argv("alternate", progress=False)  # its log is a file; the generator's bar shows
         log = self.tokenizer_dir("alternate").with_suffix(".log")
         job = BackgroundJob([sys.executable, "-m", "dcar.train", "tokenizer", *argv], log,
-                            threads=max(1, torch.get_num_threads() // 2))
-        print(f"[quickstart] {name} ... (beside the next phases, {job.threads} thread(s); log: {log})")
+                            threads=torch.get_num_threads() // 2)
+        print(f"[quickstart] {name} ... (beside the {block}, {job.threads} thread(s); log: {log})")
         self.companion = job.start()
         try:
             yield
@@ -277,8 +281,8 @@ class Quickstart(EvalPhases):
         for stage in STAGES[:2]:
             self.phase(f"tokenizer_{stage}", lambda stage=stage: self.train_tokenizer(stage))
         self.phase("tokenizer_merge", lambda: self.train_tokenizer("merge"))
-        with self.alternate_stage_beside():
-            self.phase("pretokenize", self.pretokenize)
+        self.phase("pretokenize", self.pretokenize)  # alone: it uses both threads well (67 s on 2, 128 s on 1 beside)
+        with self.alternate_stage_beside("generator"):
             self.phase("generator", self.train_generator)
         self.phase("eval_tokenizer", self.eval_tokenizer)
         self.phase("pipeline", self.assemble_pipeline)

@@ -36,9 +36,9 @@ def test_the_job_and_this_process_split_the_threads_until_it_ends(tmp_path, four
 
 def test_a_failing_job_raises_with_the_end_of_its_log(tmp_path, four_threads):
     cmd = [sys.executable, "-c", "print('step 1 ok'); raise SystemExit('config error: bad key train.stpes')"]
-    with pytest.raises(BackgroundJobError, match=r"exited with status 1[\s\S]*step 1 ok[\s\S]*bad key train.stpes"):
-        with BackgroundJob(cmd, tmp_path / "job.log", threads=2):
-            pass
+    expected = r"exited with status 1[\s\S]*step 1 ok[\s\S]*bad key train.stpes"
+    with pytest.raises(BackgroundJobError, match=expected), BackgroundJob(cmd, tmp_path / "job.log", threads=2):
+        pass
     assert torch.get_num_threads() == 4
 
 

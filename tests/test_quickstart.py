@@ -86,6 +86,28 @@ def test_quickstart_ci_runs_every_phase_and_resumes(tmp_path):
     assert again["shapes_eval"] == metrics["shapes_eval"]
     assert again["wall_s"]["tokenizer_warmup"] == metrics["wall_s"]["tokenizer_warmup"]  # not re-run
 
+    # one phase after another (overlap=false, and what a one-thread process does anyway) from the same merged codes:
+    # the same alternate stage (it ran on one thread beside the generator above) and the same token cache
+    seq_dir = tmp_path / "seq"
+    for stage in ("warmup", "discrete", "merge"):
+        shutil.copytree(tmp_path / "tokenizer" / stage, seq_dir / "tokenizer" / stage)
+    done = {k: v for k, v in state["wall_s"].items() if k in ("tokenizer_warmup", "tokenizer_discrete", "tokenizer_merge")}
+    (seq_dir / "state.json").write_text(json.dumps({"wall_s": done, "metrics": {}}))
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)
+    try:
+        seq = Quickstart(dataclasses.replace(cfg, out=str(seq_dir), overlap=False)).run()
+    finally:
+        torch.set_num_threads(threads)
+    assert not (seq_dir / "tokenizer" / "alternate.log").exists()
+    assert set(seq["wall_s"]) == set(metrics["wall_s"])
+    ours, theirs = (load_file(str(d / "tokenizer" / "alternate" / "final" / "model.safetensors"))
+                    for d in (tmp_path, seq_dir))
+    assert all(torch.equal(ours[k], theirs[k]) for k in ours)
+    a, b = TokenCacheDataset(tmp_path / "tokens" / "train"), TokenCacheDataset(seq_dir / "tokens" / "train")
+    assert torch.equal(a.tensors["indices"], b.tensors["indices"]) and a.captions == b.captions
+    assert torch.allclose(a.tensors["residual"], b.tensors["residual"], atol=1e-4)
+
 
 def test_quickstart_rejects_an_unknown_cfg_schedule_before_any_work(tmp_path):
     import pytest
