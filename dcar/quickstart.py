@@ -202,7 +202,8 @@ class Quickstart(EvalPhases):
         return self.data_config.resolution
 
     def pretokenize(self) -> dict[str, Any]:
-        """Encode train images (and a few held-out ones, for the preview grids) once with the final tokenizer."""
+        """Encode train images (and a few held-out ones, for the preview grids) once with the merged codes, and store
+        the captions' text features with them."""
         from dcar.data.token_cache import write_token_cache
         from dcar.models.tokenizer import DCHT
         from dcar.train.generator import build_frozen_text_encoder
@@ -291,7 +292,8 @@ class Quickstart(EvalPhases):
         self.phase("shapes_eval_discrete_only", lambda: self.shapes_eval(use_head=False))
         self.phase("residual_gain", self.residual_gain)
         # total: wall clock over the runs (phases that ran side by side count once), not the sum of the phases
-        metrics = {**self.state["metrics"], "wall_s": {**self.state["wall_s"], "total": self.state["elapsed_s"]}}
+        total = self.state.get("elapsed_s", round(sum(self.state["wall_s"].values()), 1))  # (older state files)
+        metrics = {**self.state["metrics"], "wall_s": {**self.state["wall_s"], "total": total}}
         atomic_write_json(self.out / "metrics.json", metrics, sort_keys=True)
         atomic_write_text(self.out / "report.md", self.report(metrics))
         return metrics
