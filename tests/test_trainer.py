@@ -214,3 +214,14 @@ def test_flush_denormal_leaves_a_mode_set_by_the_caller():
         torch.set_flush_denormal(False)
     with flush_denormal(False) as active:
         assert not active and not denormals_flushed()
+
+
+def test_train_module_names_its_commands():
+    from dcar.config.loader import ConfigError
+    from dcar.train.cli import COMMANDS, main
+
+    assert set(COMMANDS) == {"tokenizer", "generator"}
+    with pytest.raises(ConfigError, match="COMMAND must be one of tokenizer, generator; got 'tokeniser'"):
+        main(["tokeniser", "stage=warmup"])
+    with pytest.raises(ConfigError, match="got nothing"):
+        main([])
