@@ -221,8 +221,9 @@ class Quickstart(EvalPhases):
                           source=source, progress=False)
         return {"generator": {"cache_images": n}}
 
-    @property
+    @functools.cached_property
     def generator_train_config(self) -> Any:
+        """The generator's config (the text encoder of pretokenize and the trainer's), parsed once."""
         from dcar.train.generator import GeneratorTrainConfig
 
         return load_config(GeneratorTrainConfig, self.generator_argv())

@@ -14,11 +14,8 @@ PRINT_THREADS = "import os, time, torch; print('omp', os.environ['OMP_NUM_THREAD
 
 
 @pytest.fixture
-def four_threads():
-    before = torch.get_num_threads()
-    torch.set_num_threads(4)
-    yield
-    torch.set_num_threads(before)
+def four_threads(torch_threads):
+    torch_threads(4)
 
 
 def test_the_job_and_this_process_split_the_threads_until_it_ends(tmp_path, four_threads):
@@ -52,14 +49,10 @@ def test_an_error_in_the_block_stops_the_job(tmp_path, four_threads):
     assert torch.get_num_threads() == 4
 
 
-def test_threads_are_capped_by_the_budget(tmp_path):
-    before = torch.get_num_threads()
-    torch.set_num_threads(1)
-    try:
-        job = BackgroundJob([sys.executable, "-c", PRINT_THREADS], tmp_path / "job.log", threads=8)
-        assert job.threads == 1
-        with job:
-            assert torch.get_num_threads() == 1  # never below one thread here either
-        assert (tmp_path / "job.log").read_text().split() == ["omp", "1", "torch", "1"]
-    finally:
-        torch.set_num_threads(before)
+def test_threads_are_capped_by_the_budget(tmp_path, torch_threads):
+    torch_threads(1)
+    job = BackgroundJob([sys.executable, "-c", PRINT_THREADS], tmp_path / "job.log", threads=8)
+    assert job.threads == 1
+    with job:
+        assert torch.get_num_threads() == 1  # never below one thread here either
+    assert (tmp_path / "job.log").read_text().split() == ["omp", "1", "torch", "1"]

@@ -130,12 +130,9 @@ def test_temperature_scales_injected_noise():
 
 
 @pytest.fixture
-def one_thread():
+def one_thread(torch_threads):
     """Small matmuls on a shared 2-core box run ~10x faster on one thread than on two contended ones."""
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(threads)
+    torch_threads(1)
 
 
 def test_head_learns_conditional_means(one_thread):

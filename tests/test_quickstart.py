@@ -18,7 +18,7 @@ from dcar.pipeline import DCARPipeline
 from dcar.quickstart import Quickstart, QuickstartConfig
 
 
-def test_quickstart_ci_runs_every_phase_and_resumes(tmp_path):
+def test_quickstart_ci_runs_every_phase_and_resumes(tmp_path, torch_threads):
     cfg = load_config(QuickstartConfig, [f"out={tmp_path}", "ci=true", "progress=false", "seed=3"])
     t0 = time.perf_counter()
     metrics = Quickstart(cfg).run()
@@ -93,12 +93,8 @@ def test_quickstart_ci_runs_every_phase_and_resumes(tmp_path):
         shutil.copytree(tmp_path / "tokenizer" / stage, seq_dir / "tokenizer" / stage)
     done = {k: v for k, v in state["wall_s"].items() if k in ("tokenizer_warmup", "tokenizer_discrete", "tokenizer_merge")}
     (seq_dir / "state.json").write_text(json.dumps({"wall_s": done, "metrics": {}}))
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    try:
-        seq = Quickstart(dataclasses.replace(cfg, out=str(seq_dir), overlap=False)).run()
-    finally:
-        torch.set_num_threads(threads)
+    torch_threads(1)
+    seq = Quickstart(dataclasses.replace(cfg, out=str(seq_dir), overlap=False)).run()
     assert not (seq_dir / "tokenizer" / "alternate.log").exists()
     assert set(seq["wall_s"]) == set(metrics["wall_s"])
     ours, theirs = (load_file(str(d / "tokenizer" / "alternate" / "final" / "model.safetensors"))
