@@ -85,7 +85,7 @@ class BenchmarkConfig:
     throughput_warmup: int = 10
     throughput_repeats: int = 50
     phase_repeats: int = 20  # phase breakdown at throughput_batch (runs after the latency runs)
-    matmul_size: int = 0  # square GEMM for the device's matmul rate (0: 4096 on GPU, 2048 on CPU)
+    matmul_size: int = 0  # square GEMM for the device's matmul rate (0: 8192 on GPU, 2048 on CPU)
     matmul_repeats: int = 20
     flops: bool = True  # count FLOPs with FlopCounterMode (one batch-1 call, whole and per phase)
     flops_only: bool = False  # count FLOPs and stop (no timing): e.g. the paper model on a CPU

@@ -99,8 +99,8 @@ def flop_counter() -> FlopCounterMode:
 
 def matmul_rate(device: torch.device, dtype: torch.dtype, size: int = 0, repeats: int = 20,
                 warmup: int = 3) -> dict[str, Any]:
-    """Dense GEMM FLOP/s of ``size x size`` matrices in ``dtype`` (0: 4096 on GPU, 2048 on CPU), median of repeats."""
-    n = size or (4096 if device.type == "cuda" else 2048)
+    """Dense GEMM FLOP/s of ``size x size`` matrices in ``dtype`` (0: 8192 on GPU, 2048 on CPU), median of repeats."""
+    n = size or (8192 if device.type == "cuda" else 2048)
     gen = torch.Generator(device=device).manual_seed(0)
     a = torch.randn(n, n, device=device, dtype=dtype, generator=gen)
     b = torch.randn(n, n, device=device, dtype=dtype, generator=gen)
