@@ -1,16 +1,17 @@
 #!/usr/bin/env bash
 # Issue #7's GPU checks in one pass on a lent GPU (the H200 of the `device` tool), run from the repository root:
 #
-#     OUT=benchmarks/<date>_<gpu> BUDGET_S=540 bash benchmarks/gpu_check.sh
+#     OUT=benchmarks/<date>_<gpu> BUDGET_S=540 [STAGES="tiny compiled eager cast"] bash benchmarks/gpu_check.sh
 #
-# Stages, most important first; each starts only while enough of BUDGET_S (seconds) is left, and each writes
-# its own JSON, so a stage that fails or runs out of time loses nothing of the others:
+# Stages (STAGES picks and orders them); each starts only while enough of BUDGET_S (seconds) is left, and each
+# writes its own JSON, so a stage that fails or runs out of time loses nothing of the others:
 #   tiny_cuda_fp32.json   the tiny preset on the GPU in float32: every sampling optimisation keeps the codes
 #   paper_compiled.json   paper models, bf16 autocast, torch.compile reduce-overhead (CUDA graphs), NHWC +
 #                         fused-norm decoder: latency (batch 1) and throughput (batch 16), the floors
 #   paper_eager.json      the same models eager, with the ablation (each optimisation off / each decoder option
 #                         on) and generator training throughput
-#   paper_cast.json       as paper_compiled with the weights cast to bf16 and the decoder compiled too
+#   paper_cast.json       as paper_compiled with the weights (text encoder too) cast to bf16 and the decoder
+#                         compiled too, plus a profile of one batch-16 call (paper_cast.profile.txt)
 set -u
 OUT=${OUT:-runs/gpu_check}
 BUDGET_S=${BUDGET_S:-540}
@@ -39,11 +40,16 @@ python3 -c "import sys, torch; print(sys.version.split()[0], torch.__version__, 
 torch.cuda.get_device_name())"
 
 REPEATS="latency_warmup=10 latency_repeats=30 throughput_warmup=5 throughput_repeats=20 phase_repeats=10"
-stage tiny_cuda_fp32 30 120 preset=tiny device=cuda threads=0
-stage paper_compiled 120 300 preset=paper compile=true compile_mode=reduce-overhead \
-    decoder_channels_last=true decoder_fuse_norms=true train=false $REPEATS
-stage paper_eager 90 240 preset=paper ablate=true ablate_compile=false $REPEATS
-stage paper_cast 120 300 preset=paper precision=cast compile=true compile_mode=reduce-overhead compile_decoder=true \
-    decoder_channels_last=true decoder_fuse_norms=true train=false $REPEATS
+for name in ${STAGES:-tiny compiled eager cast}; do
+    case $name in
+    tiny) stage tiny_cuda_fp32 30 120 preset=tiny device=cuda threads=0 ;;
+    compiled) stage paper_compiled 120 300 preset=paper compile=true compile_mode=reduce-overhead \
+        decoder_channels_last=true decoder_fuse_norms=true train=false $REPEATS ;;
+    eager) stage paper_eager 90 240 preset=paper ablate=true ablate_compile=false $REPEATS ;;
+    cast) stage paper_cast 120 300 preset=paper precision=cast compile=true compile_mode=reduce-overhead \
+        compile_decoder=true decoder_channels_last=true decoder_fuse_norms=true train=false profile=true $REPEATS ;;
+    *) echo "unknown stage $name (tiny, compiled, eager, cast)" ;;
+    esac
+done
 nvidia-smi --query-gpu=clocks.sm,clocks.max.sm,temperature.gpu,power.draw --format=csv
 echo "=== done after $((SECONDS - started)) s"

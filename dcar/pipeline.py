@@ -137,11 +137,13 @@ class DCARPipeline:
         """The generator's parameter dtype."""
         return next(self.generator.parameters()).dtype
 
-    def to(self, device: str | torch.device | None = None, dtype: torch.dtype | None = None) -> DCARPipeline:
-        """Move all three models to ``device``; ``dtype`` applies to the tokenizer and the generator."""
+    def to(self, device: str | torch.device | None = None, dtype: torch.dtype | None = None, *,
+           text_dtype: torch.dtype | None = None) -> DCARPipeline:
+        """Move all three models to ``device``; ``dtype`` applies to the tokenizer and the generator, ``text_dtype``
+        to the text encoder (None: unchanged; T5 is safe in bfloat16, its activations overflow float16)."""
         self.tokenizer.to(device=device, dtype=dtype)
         self.generator.to(device=device, dtype=dtype)
-        self.text_encoder.to(device=device)
+        self.text_encoder.to(device=device, dtype=text_dtype)
         self._decoder_cache = None  # an inference decoder copy is rebuilt from the moved weights
         return self
 
@@ -343,14 +345,18 @@ class DCARPipeline:
         return self
 
     def compile(self, mode: str | None = None, backend: str = "inductor", *, dynamic: bool = False,
-                decoder: bool = False) -> DCARPipeline:
-        """``torch.compile`` the generator's forward in place (``nn.Module.compile``) and, with ``decoder=True``,
-        the decoder that :meth:`decode` runs. ``mode``: ``"default"``, ``"reduce-overhead"`` (CUDA graphs on a
+                decoder: bool = False, head: bool = True) -> DCARPipeline:
+        """``torch.compile`` the generator's forward in place (``nn.Module.compile``), with ``head=True`` (default)
+        the diffusion head's denoising network the same way (its residual sampler calls it once per denoising
+        step on a fixed (2)N x D batch; the scheduler's update stays eager), and with ``decoder=True`` the decoder
+        that :meth:`decode` runs. ``mode``: ``"default"``, ``"reduce-overhead"`` (CUDA graphs on a
         GPU), ``"max-autotune"``, ...; ``backend``: ``"inductor"`` or ``"eager"`` / ``"aot_eager"`` (no codegen).
         Shapes are static within a generation: every step feeds the whole 2B x h x w token map, and with
         ``logits_at_masked_only`` the per-step gather of still-masked positions and their logits (``to_logits``)
         run outside the compiled forward. ``dynamic=False``: a new batch or grid size compiles again."""
         self.generator.compile(mode=mode, backend=backend, dynamic=dynamic)
+        if head and self.generator.head is not None:
+            self.generator.head.net.compile(mode=mode, backend=backend, dynamic=dynamic)
         if decoder:
             self._decoder_compile = {"mode": mode, "backend": backend, "dynamic": dynamic}
             self._decoder_cache = None

@@ -158,7 +158,7 @@ def test_compile_options_reach_torch_compile(tmp_path, monkeypatch):
     result = json.loads(out.read_text())
     assert result["compile"] and result["compile_mode"] == "reduce-overhead"
     assert result["decoder_path"] == {"channels_last": True, "fuse_norms": True}
-    assert len(seen) == 2  # the generator's forward and the decoder
+    assert len(seen) == 3  # the generator's forward, the head's network and the decoder
     assert all(k == {"mode": "reduce-overhead", "backend": "eager", "dynamic": False} for k in seen)
     with pytest.raises(ConfigError, match="compile_mode"):
         load_benchmark_config(["compile_mode=fast"])
@@ -186,3 +186,28 @@ def test_presets_resolve():
     paper = load_benchmark_config(["preset=paper"])
     default = load_benchmark_config([])
     assert (paper.generator, paper.tokenizer, paper.throughput_batch) == (default.generator, default.tokenizer, 16)
+
+
+def test_profile_ranks_ops_and_cast_text_encoder(tmp_path, monkeypatch):
+    """profile=true writes the profiler table beside the JSON and ranks the call's ops by self time (shares sum
+    to at most 1, the convolutions of the decoder and the matmuls among the top); precision=cast with bfloat16
+    casts the text encoder too, and cast_text_encoder=false keeps it float32."""
+    out = tmp_path / "prof.json"
+    run_script(["preset=tiny", "dtype=bfloat16", "precision=cast", "profile=true", "ablate=false", "train=false",
+                "latency_repeats=1", "throughput_batch=2", "throughput_repeats=1", "phase_repeats=1",
+                f"out={out}"], monkeypatch)
+    result = json.loads(out.read_text())
+    prof = result["profile"]
+    table = Path(prof["file"])
+    assert table == tmp_path / "prof.profile.txt" and "Self CPU" in table.read_text()
+    top = prof["top"]
+    assert len(top) == 25 and prof["total_us"] > 0
+    assert all(a["self_us"] >= b["self_us"] for a, b in zip(top, top[1:]))
+    assert 0.5 < sum(e["share"] for e in top) <= 1.0 + 1e-9
+    names = {e["name"] for e in top}
+    assert any("convolution" in n for n in names) and names & {"aten::addmm", "aten::mm", "aten::linear"}
+    assert result["models"]["text_encoder_dtype"] == "bfloat16"
+    cfg = load_benchmark_config(["preset=tiny", "dtype=bfloat16", "precision=cast", "cast_text_encoder=false"])
+    pipe = build_pipeline(cfg, torch.device("cpu"), tmp_path / "words")
+    assert next(pipe.text_encoder.parameters()).dtype == torch.float32
+    assert next(pipe.generator.parameters()).dtype == torch.bfloat16

@@ -292,13 +292,15 @@ def test_compiled_pipeline_samples_the_same(parts, monkeypatch):
     ref = DCARPipeline(parts[0], tiny_generator(), parts[1])
     p = DCARPipeline(parts[0], tiny_generator(), parts[1]).compile(mode="reduce-overhead", backend="aot_eager",
                                                                    decoder=True)
-    assert seen == [{"mode": "reduce-overhead", "backend": "aot_eager", "dynamic": False}]
+    kwargs = {"mode": "reduce-overhead", "backend": "aot_eager", "dynamic": False}
+    assert seen == [kwargs, kwargs]  # the generator's forward and the head's denoising network
+    assert p.generator.head.net._compiled_call_impl is not None
     codes, residual = p.generate_tokens(PROMPTS, 6, 3.0, seed=2)
     ref_codes, ref_residual = ref.generate_tokens(PROMPTS, 6, 3.0, seed=2)
     assert torch.equal(codes, ref_codes)
     torch.testing.assert_close(residual, ref_residual, atol=1e-5, rtol=1e-5)
     assert (p.decode(codes, residual) - ref.decode(codes, residual)).abs().max() <= 1e-5
-    assert len(seen) == 2 and seen[1] == seen[0]  # the decoder, compiled on the first decode
+    assert seen == [kwargs] * 3  # the decoder, compiled on the first decode
 
 
 def test_save_and_load_round_trip(pipe, tmp_path):

@@ -64,6 +64,9 @@ class BenchmarkConfig:
     # autocast: fp32 weights, matmuls in dtype (torch.autocast; HART's fp16 sampling); cast: pipe.to(dtype=dtype)
     # casts tokenizer + generator (the text encoder stays float32)
     precision: str = choice("autocast", "autocast", "cast")
+    # with precision=cast and dtype=bfloat16 the text encoder is cast too (T5 runs in bf16 as trained; float16
+    # keeps it float32: T5's activations overflow fp16)
+    cast_text_encoder: bool = True
     threads: int = 0  # torch.set_num_threads (0: torch's default)
     malloc_keep: bool = False  # CPU/glibc: never return freed memory to the OS (no page faults on reused buffers)
     compile: bool = False  # torch.compile the generator's forward (DCARPipeline.compile, dynamic=False)
@@ -71,6 +74,7 @@ class BenchmarkConfig:
     # torch.compile mode; reduce-overhead = CUDA graphs on a GPU (static shapes: fixed batch and grid)
     compile_mode: str = choice("default", "default", "reduce-overhead", "max-autotune", "max-autotune-no-cudagraphs")
     compile_decoder: bool = False  # with compile=true: also compile the DC-HT decoder
+    compile_head: bool = True  # with compile=true: also compile the diffusion head's denoising network
     decoder_channels_last: bool = False  # DCARPipeline.set_decoder_path(channels_last=...)
     decoder_fuse_norms: bool = False  # DCARPipeline.set_decoder_path(fuse_norms=...)
     seed: int = 0
@@ -93,6 +97,9 @@ class BenchmarkConfig:
     train_batch: int = 16
     train_warmup: int = 3
     train_repeats: int = 10
+    # one whole batch-``throughput_batch`` call under torch.profiler: the ops by self device time go to
+    # ``<out>.profile.txt`` and the top ones into the JSON (``profile``)
+    profile: bool = False
     ablate: bool = False  # transformer phase with each sampling optimisation off, decode phase with each decoder option
     ablate_batch: int = 0  # 0: throughput_batch
     ablate_warmup: int = 2

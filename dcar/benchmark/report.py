@@ -58,6 +58,10 @@ def format_report(r: dict[str, Any]) -> str:
                                  "of matmul")
     if "peak_memory" in r:
         add("peak memory", f"{_bytes(r['peak_memory']['bytes'])} ({r['peak_memory']['kind']})")
+    if "profile" in r:
+        pr = r["profile"]
+        add("profile (top ops)", "; ".join(f"{e['name']} {e['share']:.0%}" for e in pr["top"][:6]) +
+            f" (of {pr['total_us'] / 1e3:.4g} ms self time; table: {pr['file']})")
     if "ablation" in r:
         a = r["ablation"]
         add(f"ablation (batch {a['batch']})", f"transformer phase with every optimisation on: {a['baseline_s']:.4g} s")

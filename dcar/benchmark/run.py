@@ -109,7 +109,9 @@ def build_pipeline(cfg: BenchmarkConfig, device: torch.device, workdir: str | os
         generator = DCAR(gen_cfg).eval()
     pipe = DCARPipeline(tokenizer, generator, text_encoder)
     pipe.set_decoder_path(channels_last=cfg.decoder_channels_last, fuse_norms=cfg.decoder_fuse_norms)
-    return pipe.to(device, DTYPES[cfg.dtype] if cfg.precision == "cast" else None)
+    cast = cfg.precision == "cast"
+    text_dtype = torch.bfloat16 if cast and cfg.cast_text_encoder and cfg.dtype == "bfloat16" else None
+    return pipe.to(device, DTYPES[cfg.dtype] if cast else None, text_dtype=text_dtype)
 
 
 def count_flops(pipe, prompts: list[str], s: Sampling, amp: Callable) -> dict[str, Any]:
@@ -268,6 +270,7 @@ def run_benchmark(cfg: BenchmarkConfig, log: Callable[[str], None] = print) -> d
         "grid": list(pipe.grid_size()), "image_size": gen.config.image_size,
         "layers": gen.config.num_layers, "width": gen.config.width, "heads": gen.config.num_heads,
         "text_tokens": pipe.text_encoder.config.max_length,
+        "text_encoder_dtype": str(next(pipe.text_encoder.parameters()).dtype).replace("torch.", ""),
     }
     log(f"matmul rate ({cfg.dtype})")
     mm = matmul_rate(device, dtype, cfg.matmul_size, cfg.matmul_repeats)
@@ -288,7 +291,8 @@ def run_benchmark(cfg: BenchmarkConfig, log: Callable[[str], None] = print) -> d
         return call
 
     if cfg.compile:
-        pipe.compile(mode=cfg.compile_mode, backend=cfg.compile_backend, decoder=cfg.compile_decoder)
+        pipe.compile(mode=cfg.compile_mode, backend=cfg.compile_backend, decoder=cfg.compile_decoder,
+                     head=cfg.compile_head)
         start = time.perf_counter()
         whole(p1)()
         sync(device)
@@ -312,6 +316,11 @@ def run_benchmark(cfg: BenchmarkConfig, log: Callable[[str], None] = print) -> d
         tf = result["flops_per_image_phases"]["transformer"] * b / ph["median"]["transformer"]
         result["transformer_flops_per_s"] = tf
         result["transformer_fraction_of_peak"] = tf / mm["flops_per_s"]
+    if cfg.profile:
+        log(f"profile: one batch-{b} call under torch.profiler")
+        from .profile import profile_call
+
+        result["profile"] = profile_call(whole(pb), device, output_path(cfg, device.type, cfg.dtype))
     if cfg.ablate:
         log("ablation: transformer phase with each optimisation off, decode phase with each decoder option on")
         result["ablation"] = _ablation(pipe, cfg, s, device, amp)
