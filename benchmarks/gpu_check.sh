@@ -10,8 +10,9 @@
 #                         fused-norm decoder: latency (batch 1) and throughput (batch 16), the floors
 #   paper_eager.json      the same models eager, with the ablation (each optimisation off / each decoder option
 #                         on) and generator training throughput
-#   paper_cast.json       as paper_compiled with the weights (text encoder too) cast to bf16 and the decoder
-#                         compiled too, plus a profile of one batch-16 call (paper_cast.profile.txt)
+#   paper_cast.json       as paper_compiled with the weights (text encoder too) cast to bf16 and the decoder and
+#                         text encoder compiled too, plus a profile of one batch-16 call (paper_cast.profile.txt);
+#                         the 2026-11-30 runs predate compile_text (each JSON's "config" says what ran)
 set -u
 OUT=${OUT:-runs/gpu_check}
 BUDGET_S=${BUDGET_S:-540}
@@ -47,7 +48,8 @@ for name in ${STAGES:-tiny compiled eager cast}; do
         decoder_channels_last=true decoder_fuse_norms=true train=false $REPEATS ;;
     eager) stage paper_eager 90 240 preset=paper ablate=true ablate_compile=false $REPEATS ;;
     cast) stage paper_cast 120 300 preset=paper precision=cast compile=true compile_mode=reduce-overhead \
-        compile_decoder=true decoder_channels_last=true decoder_fuse_norms=true train=false profile=true $REPEATS ;;
+        compile_decoder=true compile_text=true decoder_channels_last=true decoder_fuse_norms=true train=false \
+        profile=true $REPEATS ;;
     *) echo "unknown stage $name (tiny, compiled, eager, cast)" ;;
     esac
 done

@@ -345,11 +345,12 @@ class DCARPipeline:
         return self
 
     def compile(self, mode: str | None = None, backend: str = "inductor", *, dynamic: bool = False,
-                decoder: bool = False, head: bool = True) -> DCARPipeline:
+                decoder: bool = False, head: bool = True, text: bool = False) -> DCARPipeline:
         """``torch.compile`` the generator's forward in place (``nn.Module.compile``), with ``head=True`` (default)
         the diffusion head's denoising network the same way (its residual sampler calls it once per denoising
-        step on a fixed (2)N x D batch; the scheduler's update stays eager), and with ``decoder=True`` the decoder
-        that :meth:`decode` runs. ``mode``: ``"default"``, ``"reduce-overhead"`` (CUDA graphs on a
+        step on a fixed (2)N x D batch; the scheduler's update stays eager), with ``text=True`` the text encoder's
+        transformer (its tokenizer stays eager; a new batch size compiles again), and with ``decoder=True`` the
+        decoder that :meth:`decode` runs. ``mode``: ``"default"``, ``"reduce-overhead"`` (CUDA graphs on a
         GPU), ``"max-autotune"``, ...; ``backend``: ``"inductor"`` or ``"eager"`` / ``"aot_eager"`` (no codegen).
         Shapes are static within a generation: every step feeds the whole 2B x h x w token map, and with
         ``logits_at_masked_only`` the per-step gather of still-masked positions and their logits (``to_logits``)
@@ -357,6 +358,8 @@ class DCARPipeline:
         self.generator.compile(mode=mode, backend=backend, dynamic=dynamic)
         if head and self.generator.head is not None:
             self.generator.head.net.compile(mode=mode, backend=backend, dynamic=dynamic)
+        if text:
+            self.text_encoder.model.compile(mode=mode, backend=backend, dynamic=dynamic)
         if decoder:
             self._decoder_compile = {"mode": mode, "backend": backend, "dynamic": dynamic}
             self._decoder_cache = None

@@ -2,6 +2,7 @@
 residual hidden states (masked / all conventions), discrete-only mode, resolution change, refine_residuals,
 save/load round trip, the decoder path options, torch.compile and the sampling script."""
 
+import copy
 import dataclasses
 import json
 import runpy
@@ -290,17 +291,20 @@ def test_compiled_pipeline_samples_the_same(parts, monkeypatch):
     real = torch.compile
     monkeypatch.setattr(torch, "compile", lambda *a, **k: seen.append(k) or real(*a, **k))
     ref = DCARPipeline(parts[0], tiny_generator(), parts[1])
-    p = DCARPipeline(parts[0], tiny_generator(), parts[1]).compile(mode="reduce-overhead", backend="aot_eager",
-                                                                   decoder=True)
+    p = DCARPipeline(parts[0], tiny_generator(), copy.deepcopy(parts[1])).compile(
+        mode="reduce-overhead", backend="aot_eager", decoder=True, text=True)
     kwargs = {"mode": "reduce-overhead", "backend": "aot_eager", "dynamic": False}
-    assert seen == [kwargs, kwargs]  # the generator's forward and the head's denoising network
+    assert seen == [kwargs] * 3  # the generator's forward, the head's denoising network, the text encoder
     assert p.generator.head.net._compiled_call_impl is not None
+    states, mask = p.encode_prompts(PROMPTS)
+    ref_states, ref_mask = ref.encode_prompts(PROMPTS)
+    assert torch.equal(mask, ref_mask) and torch.equal(states, ref_states)
     codes, residual = p.generate_tokens(PROMPTS, 6, 3.0, seed=2)
     ref_codes, ref_residual = ref.generate_tokens(PROMPTS, 6, 3.0, seed=2)
     assert torch.equal(codes, ref_codes)
     torch.testing.assert_close(residual, ref_residual, atol=1e-5, rtol=1e-5)
     assert (p.decode(codes, residual) - ref.decode(codes, residual)).abs().max() <= 1e-5
-    assert seen == [kwargs] * 3  # the decoder, compiled on the first decode
+    assert seen == [kwargs] * 4  # the decoder, compiled on the first decode
 
 
 def test_save_and_load_round_trip(pipe, tmp_path):

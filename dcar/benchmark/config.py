@@ -68,6 +68,9 @@ class BenchmarkConfig:
     # keeps it float32: T5's activations overflow fp16)
     cast_text_encoder: bool = True
     threads: int = 0  # torch.set_num_threads (0: torch's default)
+    # dtype=float32 on a GPU: TF32 tensor cores for matmuls and cuDNN convolutions (false: true fp32 for both;
+    # torch's own default turns TF32 on for convolutions only, which made fp32 decodes differ by ~1e-3)
+    allow_tf32: bool = False
     malloc_keep: bool = False  # CPU/glibc: never return freed memory to the OS (no page faults on reused buffers)
     compile: bool = False  # torch.compile the generator's forward (DCARPipeline.compile, dynamic=False)
     compile_backend: str = "inductor"
@@ -75,6 +78,7 @@ class BenchmarkConfig:
     compile_mode: str = choice("default", "default", "reduce-overhead", "max-autotune", "max-autotune-no-cudagraphs")
     compile_decoder: bool = False  # with compile=true: also compile the DC-HT decoder
     compile_head: bool = True  # with compile=true: also compile the diffusion head's denoising network
+    compile_text: bool = False  # with compile=true: also compile the text encoder's transformer
     decoder_channels_last: bool = False  # DCARPipeline.set_decoder_path(channels_last=...)
     decoder_fuse_norms: bool = False  # DCARPipeline.set_decoder_path(fuse_norms=...)
     seed: int = 0

@@ -240,7 +240,8 @@ def _environment(cfg: BenchmarkConfig, device: torch.device) -> dict[str, Any]:
             "precision": cfg.precision if cfg.dtype != "float32" else "float32",
             "torch_version": torch.__version__, "python_version": platform.python_version(),
             "threads": torch.get_num_threads(), "cpu_count": os.cpu_count(),
-            "allow_tf32": bool(torch.backends.cuda.matmul.allow_tf32), "malloc_keep": cfg.malloc_keep,
+            "allow_tf32": bool(torch.backends.cuda.matmul.allow_tf32),
+            "cudnn_allow_tf32": bool(torch.backends.cudnn.allow_tf32), "malloc_keep": cfg.malloc_keep,
             "compile": cfg.compile, "compile_mode": cfg.compile_mode if cfg.compile else None,
             "decoder_path": {"channels_last": cfg.decoder_channels_last, "fuse_norms": cfg.decoder_fuse_norms},
             "load_average_start": list(os.getloadavg()),
@@ -248,8 +249,20 @@ def _environment(cfg: BenchmarkConfig, device: torch.device) -> dict[str, Any]:
 
 
 def run_benchmark(cfg: BenchmarkConfig, log: Callable[[str], None] = print) -> dict[str, Any]:
-    """Everything the module docstring lists; writes the JSON (``out=``) and returns it as a dict."""
+    """Everything the module docstring lists; writes the JSON (``out=``) and returns it as a dict. float32 on a
+    GPU runs with TF32 set by ``allow_tf32`` (matmuls and cuDNN convolutions), restored afterwards."""
     device = resolve_device(cfg.device)
+    if device.type != "cuda" or cfg.dtype != "float32":
+        return _run(cfg, device, log)
+    saved = torch.backends.cuda.matmul.allow_tf32, torch.backends.cudnn.allow_tf32
+    torch.backends.cuda.matmul.allow_tf32 = torch.backends.cudnn.allow_tf32 = cfg.allow_tf32
+    try:
+        return _run(cfg, device, log)
+    finally:
+        torch.backends.cuda.matmul.allow_tf32, torch.backends.cudnn.allow_tf32 = saved
+
+
+def _run(cfg: BenchmarkConfig, device: torch.device, log: Callable[[str], None]) -> dict[str, Any]:
     if cfg.threads:
         torch.set_num_threads(cfg.threads)
     if cfg.malloc_keep and device.type == "cpu" and not keep_freed_memory():
@@ -292,7 +305,7 @@ def run_benchmark(cfg: BenchmarkConfig, log: Callable[[str], None] = print) -> d
 
     if cfg.compile:
         pipe.compile(mode=cfg.compile_mode, backend=cfg.compile_backend, decoder=cfg.compile_decoder,
-                     head=cfg.compile_head)
+                     head=cfg.compile_head, text=cfg.compile_text)
         start = time.perf_counter()
         whole(p1)()
         sync(device)

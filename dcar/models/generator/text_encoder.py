@@ -175,6 +175,8 @@ class TextEncoder(nn.Module):
         )
         ids, mask = batch["input_ids"].to(device), batch["attention_mask"].to(device)
         states = self.model(input_ids=ids, attention_mask=mask).last_hidden_state
+        if self.model._compiled_call_impl is not None:  # CUDA-graph outputs are overwritten by the next replay
+            states = states.clone()
         if self.config.context_window:  # see TextEncoderConfig: a random stand-in's states lack their context
             states = context_features(states, mask, self.context_rotations)
         if self.config.position_features:  # see TextEncoderConfig: word order for a random stand-in encoder
