@@ -205,6 +205,33 @@ def test_find_synonyms_merges_pure_codes_with_the_same_patch():
         patchify(images, 3)
 
 
+def test_gain_synonyms_join_codes_that_follow_a_brightness_change():
+    from dcar.models.tokenizer.synonyms import find_gain_synonyms, unite_codes
+
+    # tokens coded 1 turn into 4 when the image is dimmed (5 of 5), tokens coded 2 into 5 on 4 of 5 occurrences
+    # (purity 0.8) and into 6 once; code 3 splits 3 / 3 between 6 and 7 (no partner for 3; 7, seen 3 times, is
+    # always a 3); code 0 (2 tokens) always turns into 8
+    base = torch.tensor([1] * 5 + [2] * 5 + [3] * 6 + [0] * 2)
+    scaled = torch.tensor([4] * 5 + [5, 5, 5, 5, 6] + [6, 6, 6, 7, 7, 7] + [8, 8])
+    edges = find_gain_synonyms(base, scaled, 10, purity=0.8, min_count=4)
+    assert {tuple(e) for e in edges.tolist()} == {(4, 1), (1, 4), (5, 2), (2, 5)}
+    assert {tuple(e) for e in find_gain_synonyms(base, scaled, 10, 0.8, min_count=2).tolist()} == \
+        {(4, 1), (1, 4), (5, 2), (2, 5), (0, 8), (8, 0), (7, 3)}
+    assert find_gain_synonyms(base, base, 10).numel() == 0  # a code never joins itself
+    with pytest.raises(ValueError, match="purity must lie"):
+        find_gain_synonyms(base, scaled, 10, purity=0.5)
+    with pytest.raises(ValueError, match="two \\(N,\\) code tensors"):
+        find_gain_synonyms(base, scaled[:3], 10)
+    # groups: the synonym map joins 9 -> 1; the edges join 1 ~ 4 and 2 ~ 5; each group emits its most used code
+    code_map = torch.arange(10)
+    code_map[9] = 1
+    counts = torch.tensor([0, 3, 1, 0, 7, 1, 0, 0, 0, 2])
+    united = unite_codes(code_map, edges, counts)
+    assert united.tolist() == [0, 4, 2, 3, 4, 2, 6, 7, 8, 4]  # {1, 4, 9} -> 4; {2, 5} tie -> 2; the rest alone
+    assert torch.equal(united[united], united)
+    assert torch.equal(unite_codes(code_map, torch.zeros(0, 2, dtype=torch.long), counts), code_map)
+
+
 def test_code_map_redirects_emitted_indices_and_loads_old_files():
     q = VectorQuantizer(QuantizerConfig(codebook_size=8, dim=4, chunk_size=3)).eval()
     z = torch.randn(2, 4, 3, 3)

@@ -193,3 +193,44 @@ def test_merge_codes_at_alternate_start(tmp_path):
         out = final.encode(images[:8])
     assert torch.equal(out.indices.flatten(), code_map[nearest[: out.indices.numel()]])
     torch.testing.assert_close(out.zq + out.residual, out.z, rtol=0, atol=1e-6)
+
+
+def test_merge_codes_gains_join_brightness_variants(tmp_path):
+    """merge_codes_gains: the merge images are encoded again at each gain, and the map is the union of the synonym
+    groups with the brightness pairs (find_gain_synonyms / unite_codes on exactly those codes): canonical codes map
+    to themselves and no more codes are emitted than without gains; bad gains are refused by name."""
+    from dcar.config import ConfigError
+    from dcar.models.tokenizer.synonyms import find_gain_synonyms, find_synonyms, patchify, unite_codes
+
+    data = ["data.shapes.align=32", "data.shapes.grid=16", "data.shapes.exposure=0.12", "data.shapes.lighting=true"]
+    _train(_cfg(tmp_path, "warmup", "stage=warmup", "train.steps=4", "train.ckpt_every=4", *data))
+    _train(_cfg(tmp_path, "discrete", "stage=discrete", "train.steps=2", "train.ckpt_every=2", "codebook_init=kmeans",
+                f"init_from={tmp_path / 'warmup' / 'final'}", *data))
+    init = [f"init_from={tmp_path / 'discrete' / 'final'}", "stage=alternate", "train.steps=0", *data,
+            "merge_codes=true", "merge_codes_gain_purity=0.6"]
+    plain = _trainer(_cfg(tmp_path, "plain", *init))
+    plain.setup()
+    lit = _trainer(_cfg(tmp_path, "lit", *init, "merge_codes_gains=[0.88]"))
+    lit.setup()
+    quantizer = lit.unwrap("model").tokenizer.quantizer
+    code_map = quantizer.code_map.clone()
+    images = torch.stack([lit.dataset[i]["image"] for i in range(64)])
+    tok = lit.unwrap("model").tokenizer
+
+    def nearest(x):
+        with torch.no_grad():
+            z = tok.encoder(x)
+            return quantizer.nearest_indices(z.permute(0, 2, 3, 1).reshape(-1, 32))
+
+    base, dim = nearest(images), nearest((images + 1) * 0.88 - 1)
+    synonyms = find_synonyms(base, patchify(images, 32), 64, lit.cfg.merge_codes_tol)
+    assert torch.equal(plain.unwrap("model").tokenizer.quantizer.code_map, synonyms)
+    edges = find_gain_synonyms(base, dim, 64, 0.6)
+    assert edges.numel() > 0  # the dimmed images move some tokens to other codes, consistently
+    assert torch.equal(code_map, unite_codes(synonyms, edges, torch.bincount(base, minlength=64)))
+    assert torch.equal(code_map[code_map], code_map)
+    assert code_map[base].unique().numel() <= synonyms[base].unique().numel()
+    for bad, key in (("merge_codes_gains=[1.0]", "merge_codes_gains"), ("merge_codes_gain_purity=0.4",
+                                                                        "merge_codes_gain_purity")):
+        with pytest.raises(ConfigError, match=key):
+            _cfg(tmp_path, "bad", bad)

@@ -25,6 +25,7 @@ from typing import Any
 import torch
 from torch import nn
 
+from dcar.config.loader import ConfigError
 from dcar.config.schema import TrainConfig, choice
 from dcar.data.build import build_dataset
 from dcar.data.collate import collate
@@ -74,6 +75,17 @@ class TokenizerTrainConfig(TrainConfig):
     merge_codes: bool = False
     merge_codes_images: int = 1024
     merge_codes_tol: float = 0.02
+    # Brightness synonyms (dcar.models.tokenizer.synonyms): the merge images are encoded again with their
+    # intensities (in [0, 1]) times each gain; codes that land on one code of the originals on at least
+    # merge_codes_gain_purity of their occurrences join its group. [] (default): off.
+    merge_codes_gains: list[float] = field(default_factory=list)
+    merge_codes_gain_purity: float = 0.8
+
+    def __post_init__(self) -> None:
+        if any(g <= 0 or g == 1 for g in self.merge_codes_gains):
+            raise ConfigError(f"'merge_codes_gains' must be positive and != 1, got {self.merge_codes_gains}")
+        if not 0.5 < self.merge_codes_gain_purity <= 1.0:
+            raise ConfigError(f"'merge_codes_gain_purity' must lie in (0.5, 1], got {self.merge_codes_gain_purity}")
 
 
 def mix_latents(z: torch.Tensor, zq: torch.Tensor, p_continuous: float) -> tuple[torch.Tensor, torch.Tensor]:
@@ -199,7 +211,7 @@ class TokenizerTrainer(Trainer):
     @torch.no_grad()
     def merge_synonym_codes(self) -> None:
         """Map synonym codes to canonical ones (``merge_codes``; dcar.models.tokenizer.synonyms)."""
-        from dcar.models.tokenizer.synonyms import find_synonyms, patchify
+        from dcar.models.tokenizer.synonyms import find_gain_synonyms, find_synonyms, patchify, unite_codes
 
         cfg, tokenizer = self.cfg, self.unwrap("model").tokenizer
         quantizer = tokenizer.quantizer
@@ -209,11 +221,31 @@ class TokenizerTrainer(Trainer):
         patch = images.shape[-1] // z.shape[-1]
         code_map = find_synonyms(nearest.cpu(), patchify(images, patch), quantizer.codebook_size,
                                  cfg.merge_codes_tol)
+        if cfg.merge_codes_gains:
+            edges = [find_gain_synonyms(nearest.cpu(), self._nearest_codes(((images + 1) * g - 1).clamp(-1, 1)),
+                                        quantizer.codebook_size, cfg.merge_codes_gain_purity)
+                     for g in cfg.merge_codes_gains]
+            counts = torch.bincount(nearest.cpu(), minlength=quantizer.codebook_size)
+            code_map = unite_codes(code_map, torch.cat(edges), counts)
         quantizer.code_map.copy_(self._broadcast(code_map.to(quantizer.code_map.device)))
         if self.accelerator.is_main_process:
             used = torch.unique(nearest).numel()
             emitted = torch.unique(code_map[nearest.cpu()]).numel()
             print(f"[dcar] merged synonym codes on {images.shape[0]} images: {used} codes in use -> {emitted}")
+
+    @torch.no_grad()
+    def _nearest_codes(self, images: torch.Tensor) -> torch.Tensor:
+        """The quantiser's nearest codes (N,) of the tokens of ``images`` (B, 3, H, W), encoded in eval mode in
+        training-batch chunks, on the CPU."""
+        tokenizer = self.unwrap("model").tokenizer
+        was_training = tokenizer.training
+        tokenizer.eval()
+        codes = []
+        for chunk in images.split(self.cfg.train.batch_size):
+            z = tokenizer.encoder(chunk.to(self.device)).float()
+            codes.append(tokenizer.quantizer.nearest_indices(z.permute(0, 2, 3, 1).reshape(-1, z.shape[1])).cpu())
+        tokenizer.train(was_training)
+        return torch.cat(codes)
 
     def export_model(self) -> nn.Module:
         model = self.ema.shadow if self.ema is not None else self.unwrap("model")

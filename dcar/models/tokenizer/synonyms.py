@@ -17,6 +17,14 @@ which is what DC-HT's residual tokens are for. Impure and unused codes keep thei
 
 Used at the start of the ``alternate`` stage (``merge_codes=true``; encoder and codebook are frozen from then on,
 so the map stays valid), so the decoder learns the canonical codes.
+
+Brightness synonyms (``merge_codes_gains``): the purity test above cannot join the codes of one object patch seen
+at two exposures when the code also covers other patches (object edges at several offsets, shadows), yet a code
+that changes with the global brightness makes the generator predict the brightness through its codes. So the same
+images are encoded again with their intensities scaled by a gain, and each code of the scaled tokens that lands, on
+at least ``purity`` of its occurrences, on one code of the original tokens is joined with it (both directions).
+Joined groups and the synonym groups are united (:func:`unite_codes`); each group emits its most used code. The
+brightness then lives in the residual tokens, where DC-AR's head restores it from the caption ("in dim light").
 """
 
 from __future__ import annotations
@@ -24,7 +32,7 @@ from __future__ import annotations
 import torch
 from torch import Tensor
 
-__all__ = ["find_synonyms", "patchify"]
+__all__ = ["find_gain_synonyms", "find_synonyms", "patchify", "unite_codes"]
 
 
 def patchify(images: Tensor, patch: int) -> Tensor:
@@ -64,3 +72,51 @@ def find_synonyms(indices: Tensor, patches: Tensor, codebook_size: int, tol: flo
         code_map[group] = code
         taken |= group
     return code_map
+
+
+@torch.no_grad()
+def find_gain_synonyms(base: Tensor, scaled: Tensor, codebook_size: int, purity: float = 0.8,
+                       min_count: int = 4) -> Tensor:
+    """Edges (K, 2) long between codes that stand for the same patches under a global brightness change.
+
+    ``base`` (N,) are the codes of some tokens, ``scaled`` (N,) the codes of the same tokens after their image's
+    intensities were scaled by a gain. Code ``a`` of one side is joined with code ``b`` of the other when ``b``
+    holds at least ``purity`` of ``a``'s occurrences and ``a`` occurs at least ``min_count`` times; both directions
+    are tested. Pairs of equal codes are left out."""
+    if base.shape != scaled.shape or base.dim() != 1:
+        raise ValueError(f"expected two (N,) code tensors; got {tuple(base.shape)} and {tuple(scaled.shape)}")
+    if not 0.5 < purity <= 1.0:
+        raise ValueError(f"purity must lie in (0.5, 1] (one partner per code), got {purity}")
+    edges = []
+    for src, dst in ((scaled.long().cpu(), base.long().cpu()), (base.long().cpu(), scaled.long().cpu())):
+        pairs, count = torch.unique(src * codebook_size + dst, return_counts=True)
+        a, b = pairs // codebook_size, pairs % codebook_size
+        total = torch.bincount(src, minlength=codebook_size)[a]
+        keep = (count >= purity * total) & (total >= min_count) & (a != b)
+        edges.append(torch.stack([a[keep], b[keep]], dim=1))
+    return torch.cat(edges)
+
+
+def unite_codes(code_map: Tensor, edges: Tensor, counts: Tensor) -> Tensor:
+    """The code map of the union of ``code_map``'s groups (``i`` with ``code_map[i]``) and ``edges`` (K, 2): each
+    connected group of codes emits its most used code (``counts``, ties to the lowest index); a code in no group
+    keeps its own index."""
+    size = code_map.shape[0]
+    parent = list(range(size))
+
+    def root(i: int) -> int:
+        while parent[i] != i:
+            parent[i] = parent[parent[i]]
+            i = parent[i]
+        return i
+
+    links = [(i, int(j)) for i, j in enumerate(code_map.tolist()) if i != j] + [tuple(e) for e in edges.tolist()]
+    for i, j in links:
+        ri, rj = root(i), root(j)
+        if ri != rj:
+            parent[max(ri, rj)] = min(ri, rj)
+    roots = torch.tensor([root(i) for i in range(size)])
+    best: dict[int, int] = {}
+    for code in torch.argsort(counts.cpu(), descending=True, stable=True).tolist():
+        best.setdefault(int(roots[code]), code)
+    return torch.tensor([best[int(r)] for r in roots.tolist()], dtype=torch.long)
