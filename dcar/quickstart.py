@@ -29,6 +29,7 @@ per training phase.
 from __future__ import annotations
 
 import contextlib
+import dataclasses
 import functools
 import json
 import shlex
@@ -78,6 +79,12 @@ class QuickstartConfig:
     # change) in a second process beside the generator, half the CPU threads each until it ends (README:
     # two 1-thread jobs outrun one 2-thread job here). false: one phase after another (the same recipe).
     overlap: bool = True
+    # Captions name each image's lighting ("... in dim light": bright x1 / dim x0.88). The tokenizer's first two
+    # stages train on its config's continuous exposures; from the merge on, which joins brightness synonyms
+    # (merge_codes_gains: the codes hold no brightness, the residual tokens do), every phase uses the lit images
+    # and captions, so the residual head has something to restore from the caption (README). false: the
+    # tokenizer config's data throughout (the brightness is then in no caption).
+    lighting: bool = True
     progress: bool = True
 
 
@@ -146,6 +153,8 @@ class Quickstart(EvalPhases):
             argv.append(f"init_from={self.tokenizer_dir(previous[stage]) / 'final'}")
         if stage == "alternate":
             argv.append("merge_codes=false")  # merged by the merge phase
+        if stage in ("merge", "alternate") and cfg.lighting:
+            argv.append("data.shapes.lighting=true")
         if cfg.ci:
             argv += ["train.log_every=4", "codebook_init_images=64", "merge_codes_images=64"]
         return argv
@@ -194,8 +203,12 @@ class Quickstart(EvalPhases):
 
     @property
     def data_config(self) -> Any:
-        """The tokenizer config's ``data`` section: resolution and shapes layout shared by every phase."""
-        return self.tokenizer_train_config.data
+        """The tokenizer config's ``data`` section (resolution and shapes layout shared by every phase), lit when
+        ``lighting``: the data of every phase from the merge on."""
+        data = self.tokenizer_train_config.data
+        if self.cfg.lighting:
+            data = dataclasses.replace(data, shapes=dataclasses.replace(data.shapes, lighting=True))
+        return data
 
     @property
     def resolution(self) -> int:

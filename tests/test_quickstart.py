@@ -9,6 +9,7 @@ import time
 
 import numpy as np
 import torch
+from omegaconf import OmegaConf
 from PIL import Image
 from safetensors.torch import load_file
 
@@ -40,7 +41,7 @@ def test_quickstart_ci_runs_every_phase_and_resumes(tmp_path, torch_threads):
         scores = metrics["shapes_eval"][name]
         assert set(scores) == {"color", "shape", "count", "relation", "full", "lighting"}
         assert all(v is None or 0.0 <= v <= 1.0 for v in scores.values())
-        assert scores["lighting"] is None  # the default shapes captions do not name a lighting
+        assert scores["lighting"] is not None  # the quickstart's captions name the lighting (lighting=true)
         assert (tmp_path / "shapes_eval" / name / "shapes_eval.json").is_file()
     res = metrics["residual"]
     assert metrics["residual_gain_db"] == res["psnr_tokens_plus_sampled_residual"] - res["psnr_tokens"]
@@ -62,9 +63,11 @@ def test_quickstart_ci_runs_every_phase_and_resumes(tmp_path, torch_threads):
         [cached[i]["caption"] for i in range(4)])
     assert torch.allclose(torch.stack([cached[i]["text_states"] for i in range(4)]), states, atol=1e-6)
     assert torch.equal(torch.stack([cached[i]["text_mask"] for i in range(4)]), mask)
-    for stage in ("warmup", "discrete", "merge", "alternate"):
+    # lit images and captions from the merge on; the first two stages train on the config's continuous exposures
+    assert all(c.endswith((" in bright light", " in dim light")) for c in cached.captions)
+    for stage, lit in (("warmup", False), ("discrete", False), ("merge", True), ("alternate", True)):
         assert (tmp_path / "tokenizer" / stage / "final" / "model.safetensors").is_file()
-        assert (tmp_path / "tokenizer" / stage / "config.yaml").is_file()
+        assert OmegaConf.load(tmp_path / "tokenizer" / stage / "config.yaml").data.shapes.lighting is lit
     # the pipeline holds the finished tokenizer: the alternate stage's decoder on the merge phase's frozen codes
     merged, final = (load_file(str(tmp_path / "tokenizer" / s / "final" / "model.safetensors"))
                      for s in ("merge", "alternate"))
