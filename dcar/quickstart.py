@@ -81,8 +81,8 @@ class QuickstartConfig:
     overlap: bool = True
     # Captions name each image's lighting ("... in dim light": bright x1 / dim x0.88). The tokenizer's first two
     # stages train on its config's continuous exposures; from the merge on, which joins brightness synonyms
-    # (merge_codes_gains: the codes hold no brightness, the residual tokens do), every phase uses the lit images
-    # and captions, so the residual head has something to restore from the caption (README). false: the
+    # (merge_codes_gains: the codes keep less of the brightness, the residual tokens more), every phase uses the lit
+    # images and captions, so the residual head has something to restore from the caption (README). false: the
     # tokenizer config's data throughout (the brightness is then in no caption).
     lighting: bool = True
     progress: bool = True

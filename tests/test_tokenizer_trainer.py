@@ -170,7 +170,7 @@ def test_merge_codes_at_alternate_start(tmp_path):
     _train(_cfg(tmp_path, "discrete", "stage=discrete", "train.steps=2", "train.ckpt_every=2", "codebook_init=kmeans",
                 f"init_from={tmp_path / 'warmup' / 'final'}", *data))
     init = [f"init_from={tmp_path / 'discrete' / 'final'}", "stage=alternate", "train.steps=3", "train.ckpt_every=3",
-            *data]
+            "merge_codes_gains=[]", *data]  # synonyms alone (the shapes config also joins brightness variants)
     plain = _trainer(_cfg(tmp_path, "plain", *init, "merge_codes=false"))
     plain.setup()
     assert not plain.unwrap("model").tokenizer.quantizer.merged
@@ -208,7 +208,7 @@ def test_merge_codes_gains_join_brightness_variants(tmp_path):
                 f"init_from={tmp_path / 'warmup' / 'final'}", *data))
     init = [f"init_from={tmp_path / 'discrete' / 'final'}", "stage=alternate", "train.steps=0", *data,
             "merge_codes=true", "merge_codes_gain_purity=0.6"]
-    plain = _trainer(_cfg(tmp_path, "plain", *init))
+    plain = _trainer(_cfg(tmp_path, "plain", *init, "merge_codes_gains=[]"))
     plain.setup()
     lit = _trainer(_cfg(tmp_path, "lit", *init, "merge_codes_gains=[0.88]"))
     lit.setup()

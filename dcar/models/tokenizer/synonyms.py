@@ -24,7 +24,8 @@ that changes with the global brightness makes the generator predict the brightne
 images are encoded again with their intensities scaled by a gain, and each code of the scaled tokens that lands, on
 at least ``purity`` of its occurrences, on one code of the original tokens is joined with it (both directions).
 Joined groups and the synonym groups are united (:func:`unite_codes`); each group emits its most used code. The
-brightness then lives in the residual tokens, where DC-AR's head restores it from the caption ("in dim light").
+brightness then moves (in part: the lower ``purity``, the more) into the residual tokens, where DC-AR's head
+restores it from the caption ("in dim light"). Written here; no library does it.
 """
 
 from __future__ import annotations
