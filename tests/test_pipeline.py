@@ -37,13 +37,7 @@ def tiny_generator(seed: int = 0, **kw) -> DCAR:
     return model
 
 
-@pytest.fixture(autouse=True, scope="module")
-def one_thread():
-    """One intra-op thread: these tiny models gain nothing from two, and a shared CPU punishes oversubscription."""
-    old = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(old)
+pytestmark = pytest.mark.usefixtures("one_thread_module")  # tests/conftest.py
 
 
 @pytest.fixture(scope="module")

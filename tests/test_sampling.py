@@ -32,13 +32,11 @@ from dcar.sampling import (
 ROOT = Path(__file__).resolve().parents[1]
 
 
-@pytest.fixture(autouse=True, scope="module")
-def one_thread():
-    """One intra-op thread (restored afterwards): tiny models, and a shared CPU punishes oversubscription."""
-    old = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(old)
+pytestmark = pytest.mark.usefixtures("one_thread_module")  # tests/conftest.py
+
+
+def test_this_file_runs_on_one_thread():
+    assert torch.get_num_threads() == 1  # one_thread_module; the count before the file comes back after it
 
 
 def tiny_model(seed: int = 0, **kw) -> DCAR:
