@@ -217,35 +217,37 @@ class TokenizerTrainer(Trainer):
         quantizer = tokenizer.quantizer
         images, z = self._encode_train_images(cfg.merge_codes_images)
         assert images is not None
-        nearest = quantizer.nearest_indices(z.permute(0, 2, 3, 1).reshape(-1, z.shape[1]).to(self.device))
+        nearest = self._latent_codes(z)
         patch = images.shape[-1] // z.shape[-1]
-        code_map = find_synonyms(nearest.cpu(), patchify(images, patch), quantizer.codebook_size,
-                                 cfg.merge_codes_tol)
+        code_map = find_synonyms(nearest, patchify(images, patch), quantizer.codebook_size, cfg.merge_codes_tol)
         if cfg.merge_codes_gains:
-            edges = [find_gain_synonyms(nearest.cpu(), self._nearest_codes(((images + 1) * g - 1).clamp(-1, 1)),
-                                        quantizer.codebook_size, cfg.merge_codes_gain_purity)
-                     for g in cfg.merge_codes_gains]
-            counts = torch.bincount(nearest.cpu(), minlength=quantizer.codebook_size)
+            scaled = [self._latent_codes(self._encode(((images + 1) * g - 1).clamp(-1, 1)))  # intensities x g
+                      for g in cfg.merge_codes_gains]
+            edges = [find_gain_synonyms(nearest, codes, quantizer.codebook_size, cfg.merge_codes_gain_purity)
+                     for codes in scaled]
+            counts = torch.bincount(nearest, minlength=quantizer.codebook_size)
             code_map = unite_codes(code_map, torch.cat(edges), counts)
         quantizer.code_map.copy_(self._broadcast(code_map.to(quantizer.code_map.device)))
         if self.accelerator.is_main_process:
             used = torch.unique(nearest).numel()
-            emitted = torch.unique(code_map[nearest.cpu()]).numel()
+            emitted = torch.unique(code_map[nearest]).numel()
             print(f"[dcar] merged synonym codes on {images.shape[0]} images: {used} codes in use -> {emitted}")
 
+    def _latent_codes(self, z: torch.Tensor) -> torch.Tensor:
+        """The quantiser's nearest codes (N,) of latents ``z`` (B, C, h, w), in row-major token order, on the CPU."""
+        flat = z.permute(0, 2, 3, 1).reshape(-1, z.shape[1]).to(self.device)
+        return self.unwrap("model").tokenizer.quantizer.nearest_indices(flat).cpu()
+
     @torch.no_grad()
-    def _nearest_codes(self, images: torch.Tensor) -> torch.Tensor:
-        """The quantiser's nearest codes (N,) of the tokens of ``images`` (B, 3, H, W), encoded in eval mode in
-        training-batch chunks, on the CPU."""
+    def _encode(self, images: torch.Tensor) -> torch.Tensor:
+        """Latents (on the CPU) of ``images`` (B, 3, H, W) through the encoder in eval mode, in training-batch
+        chunks (``_encode_train_images`` does the same for the training set's first images)."""
         tokenizer = self.unwrap("model").tokenizer
         was_training = tokenizer.training
         tokenizer.eval()
-        codes = []
-        for chunk in images.split(self.cfg.train.batch_size):
-            z = tokenizer.encoder(chunk.to(self.device)).float()
-            codes.append(tokenizer.quantizer.nearest_indices(z.permute(0, 2, 3, 1).reshape(-1, z.shape[1])).cpu())
+        z = [tokenizer.encoder(x.to(self.device)).float().cpu() for x in images.split(self.cfg.train.batch_size)]
         tokenizer.train(was_training)
-        return torch.cat(codes)
+        return torch.cat(z)
 
     def export_model(self) -> nn.Module:
         model = self.ema.shadow if self.ema is not None else self.unwrap("model")
