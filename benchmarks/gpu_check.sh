@@ -1,7 +1,7 @@
 #!/usr/bin/env bash
 # Issue #7's GPU checks in one pass on a lent GPU (the H200 of the `device` tool), run from the repository root:
 #
-#     OUT=benchmarks/<date>_<gpu> BUDGET_S=540 [STAGES="tiny compiled eager cast"] bash benchmarks/gpu_check.sh
+#     OUT=benchmarks/<date>_<gpu> BUDGET_S=540 [STAGES="tiny compiled eager cast cast_fresh_kv"] bash benchmarks/gpu_check.sh
 #
 # Stages (STAGES picks and orders them); each starts only while enough of BUDGET_S (seconds) is left, and each
 # writes its own JSON, so a stage that fails or runs out of time loses nothing of the others:
@@ -12,7 +12,10 @@
 #                         on) and generator training throughput
 #   paper_cast.json       as paper_compiled with the weights (text encoder too) cast to bf16 and the decoder and
 #                         text encoder compiled too, plus a profile of one batch-16 call (paper_cast.profile.txt);
-#                         the 2026-11-30 runs predate compile_text (each JSON's "config" says what ran)
+#                         the 2026-11-30 runs predate compile_text, static_text_kv and the sync-free sampling
+#                         loops (each JSON's "config" says what ran)
+#   paper_cast_fresh_kv.json  paper_cast without static_text_kv (each step's CUDA graph copies the K/V in): the
+#                         gain of the static buffers
 set -u
 OUT=${OUT:-runs/gpu_check}
 BUDGET_S=${BUDGET_S:-540}
@@ -40,17 +43,18 @@ nvidia-smi --query-gpu=name,driver_version,clocks.sm,clocks.max.sm,memory.total 
 python3 -c "import sys, torch; print(sys.version.split()[0], torch.__version__, torch.version.cuda,
 torch.cuda.get_device_name())"
 
+CAST="preset=paper precision=cast compile=true compile_mode=reduce-overhead compile_decoder=true compile_text=true
+decoder_channels_last=true decoder_fuse_norms=true train=false"
 REPEATS="latency_warmup=10 latency_repeats=30 throughput_warmup=5 throughput_repeats=20 phase_repeats=10"
-for name in ${STAGES:-tiny compiled eager cast}; do
+for name in ${STAGES:-tiny compiled eager cast cast_fresh_kv}; do
     case $name in
     tiny) stage tiny_cuda_fp32 30 120 preset=tiny device=cuda threads=0 ;;
     compiled) stage paper_compiled 120 300 preset=paper compile=true compile_mode=reduce-overhead \
         decoder_channels_last=true decoder_fuse_norms=true train=false $REPEATS ;;
     eager) stage paper_eager 90 240 preset=paper ablate=true ablate_compile=false $REPEATS ;;
-    cast) stage paper_cast 120 300 preset=paper precision=cast compile=true compile_mode=reduce-overhead \
-        compile_decoder=true compile_text=true decoder_channels_last=true decoder_fuse_norms=true train=false \
-        profile=true $REPEATS ;;
-    *) echo "unknown stage $name (tiny, compiled, eager, cast)" ;;
+    cast) stage paper_cast 120 300 $CAST profile=true $REPEATS ;;
+    cast_fresh_kv) stage paper_cast_fresh_kv 120 300 $CAST static_text_kv=false $REPEATS ;;
+    *) echo "unknown stage $name (tiny, compiled, eager, cast, cast_fresh_kv)" ;;
     esac
 done
 nvidia-smi --query-gpu=clocks.sm,clocks.max.sm,temperature.gpu,power.draw --format=csv

@@ -49,6 +49,7 @@ __all__ = ["DEFAULT_GUIDANCE_SCALE", "DCARPipeline", "load_text_encoder", "save_
 DEFAULT_GUIDANCE_SCALE = 4.5
 TEXT_ENCODER_CONFIG = "dcar_text_encoder.json"
 _PICKLE_SUFFIXES = (".bin", ".pt", ".pth", ".pkl", ".ckpt")
+CUDA_GRAPH_MODES = ("reduce-overhead", "max-autotune")  # torch.compile modes that capture CUDA graphs
 
 
 def save_text_encoder(text_encoder: TextEncoder, directory: str | os.PathLike) -> Path:
@@ -79,6 +80,11 @@ def load_text_encoder(directory: str | os.PathLike) -> TextEncoder:
         t5_config={},
     )
     return TextEncoder(config)
+
+
+def _kv_tensors(kv: TextKV) -> list[Tensor]:
+    """The tensors of ``kv`` in a fixed order: keys, values, mask, has_keys, then attn_mask when there is one."""
+    return [*kv.keys, *kv.values, kv.mask, kv.has_keys, *([] if kv.attn_mask is None else [kv.attn_mask])]
 
 
 @contextlib.contextmanager
@@ -124,6 +130,8 @@ class DCARPipeline:
         self._decoder_path = DecoderPath()
         self._decoder_compile: dict[str, Any] | None = None  # torch.compile kwargs for the decoder (compile())
         self._decoder_cache: tuple[Any, Callable[[Tensor], Tensor]] | None = None  # (weights key, module)
+        self._static_text_kv = False  # compile(): copy each generation's K/V into fixed buffers (CUDA graphs)
+        self._text_kv_buffers: dict[tuple, TextKV] = {}  # one set per shape / dtype / device (text_kv)
 
     # ---- devices and files -------------------------------------------------------------------------------------
 
@@ -145,6 +153,7 @@ class DCARPipeline:
         self.generator.to(device=device, dtype=dtype)
         self.text_encoder.to(device=device, dtype=text_dtype)
         self._decoder_cache = None  # an inference decoder copy is rebuilt from the moved weights
+        self._text_kv_buffers = {}
         return self
 
     def save_pretrained(self, save_directory: str | os.PathLike) -> Path:
@@ -187,6 +196,29 @@ class DCARPipeline:
         if height % f or width % f:
             raise ValueError(f"height and width must be multiples of {f}, got {height} x {width}")
         return height // f, width // f
+
+    def text_kv(self, states: Tensor, mask: Tensor | None, use_cfg: bool) -> TextKV:
+        """The cross-attention K/V of a generation (:func:`dcar.sampling.encode_text_branches`: the captions' rows,
+        then with ``use_cfg`` the null caption's). After :meth:`compile` with a CUDA-graph mode they are copied
+        into buffers kept for the next generation of the same shape, marked static for torch.compile: a CUDA
+        graph then reads them in place, instead of copying every block's K/V into its own input buffers at each
+        of the steps (one copy per generation instead of one per step); a later call of the same shape then
+        overwrites the returned tensors."""
+        kv = encode_text_branches(self.generator, states, mask, use_cfg)
+        if not self._static_text_kv:
+            return kv
+        tensors = _kv_tensors(kv)
+        key = (len(kv.keys), kv.attn_mask is None, *((t.shape, t.stride(), t.dtype, t.device) for t in tensors))
+        if key not in self._text_kv_buffers:
+            buffers = [torch.empty_like(t) for t in tensors]
+            for t in buffers:
+                torch._dynamo.mark_static_address(t)
+            n = len(kv.keys)
+            self._text_kv_buffers[key] = TextKV(buffers[:n], buffers[n:2 * n], buffers[2 * n],
+                                                buffers[-1] if kv.attn_mask is not None else None, buffers[2 * n + 1])
+        static = self._text_kv_buffers[key]
+        torch._foreach_copy_(_kv_tensors(static), tensors)
+        return static
 
     def make_generator(self, seed: int | None = None, generator: torch.Generator | None = None) -> torch.Generator:
         """``generator`` as is, else a fresh one on the pipeline's device seeded with ``seed`` (None: random)."""
@@ -246,7 +278,7 @@ class DCARPipeline:
         gen = self.make_generator(seed, generator)
         with _eval_mode(model):
             states, mask = self.encode_prompts(prompts)
-            kv = encode_text_branches(model, states, mask, use_cfg)
+            kv = self.text_kv(states, mask, use_cfg)
             out = maskgit_decode(
                 model, kv, states.shape[0], self.grid_size(height, width), use_cfg=use_cfg, num_steps=num_steps,
                 guidance_scale=guidance_scale, cfg_schedule=cfg_schedule, temperature=temperature,
@@ -300,7 +332,7 @@ class DCARPipeline:
         gen = self.make_generator(seed, generator)
         with _eval_mode(model):
             states, mask = self.encode_prompts(prompts)
-            kv = encode_text_branches(model, states, mask, use_cfg)
+            kv = self.text_kv(states, mask, use_cfg)
             if context == "full":
                 hidden, uncond, _ = branch_hidden(model, codes, kv, use_cfg)
             else:
@@ -345,7 +377,8 @@ class DCARPipeline:
         return self
 
     def compile(self, mode: str | None = None, backend: str = "inductor", *, dynamic: bool = False,
-                decoder: bool = False, head: bool = True, text: bool = False) -> DCARPipeline:
+                decoder: bool = False, head: bool = True, text: bool = False,
+                static_text_kv: bool = True) -> DCARPipeline:
         """``torch.compile`` the generator's forward in place (``nn.Module.compile``), with ``head=True`` (default)
         the diffusion head's denoising network the same way (its residual sampler calls it once per denoising
         step on a fixed (2)N x D batch; the scheduler's update stays eager), with ``text=True`` the text encoder's
@@ -354,8 +387,12 @@ class DCARPipeline:
         GPU), ``"max-autotune"``, ...; ``backend``: ``"inductor"`` or ``"eager"`` / ``"aot_eager"`` (no codegen).
         Shapes are static within a generation: every step feeds the whole 2B x h x w token map, and with
         ``logits_at_masked_only`` the per-step gather of still-masked positions and their logits (``to_logits``)
-        run outside the compiled forward. ``dynamic=False``: a new batch or grid size compiles again."""
+        run outside the compiled forward. ``dynamic=False``: a new batch or grid size compiles again.
+        ``static_text_kv`` (with a CUDA-graph mode, ``"reduce-overhead"`` or ``"max-autotune"``): the K/V of
+        :meth:`text_kv` live in fixed buffers (one set per batch size, kept until :meth:`to`)."""
         self.generator.compile(mode=mode, backend=backend, dynamic=dynamic)
+        self._static_text_kv = static_text_kv and mode in CUDA_GRAPH_MODES
+        self._text_kv_buffers = {}
         if head and self.generator.head is not None:
             self.generator.head.net.compile(mode=mode, backend=backend, dynamic=dynamic)
         if text:

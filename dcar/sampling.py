@@ -20,7 +20,9 @@ Algorithmic choices and where they come from:
   and HART double the batch; the cross-attention K/V of both are computed once (:func:`encode_text_branches`).
 * **Logits only where needed**: the transformer runs with ``return_logits=False`` and the codebook projection is
   applied to the hidden states of the still-masked positions only (the projection is the largest single matmul of
-  the paper model: 1152 x 16384 per token).
+  the paper model: 1152 x 16384 per token). The still-masked positions are found without a host synchronisation
+  (:func:`unknown_positions`: their count per row is known from the schedule), so on a GPU the CPU queues each
+  step while the previous one runs.
 * **Hidden states for the residual head** (MAR trains its diffusion loss on the [MASK]ed positions, and so does
   DC-AR's ``head.loss_tokens="masked"``): with ``keep_hidden=True`` the loop stores, for every position, the final
   hidden state (conditional and, with CFG, unconditional) of the step in which its code was decided, i.e. while
@@ -50,6 +52,7 @@ __all__ = [
     "guide",
     "maskgit_decode",
     "sample_logits",
+    "unknown_positions",
 ]
 
 CFG_SCHEDULES = ("constant", "linear")
@@ -133,6 +136,15 @@ def branch_hidden(
     return hidden[:b], (hidden[b:] if use_cfg else None), out.logits
 
 
+def unknown_positions(unknown: Tensor, count: int) -> Tensor:
+    """The positions (B, count) of the True entries of ``unknown`` (B, N), ascending, when every row has exactly
+    ``count`` of them (the decoding schedule is shared by the rows): ``unknown.nonzero()[:, 1].view(B, count)``
+    without its host synchronisation (nonzero's output size depends on the data, so the CPU waits for the GPU at
+    every step and cannot queue the next step's kernels while the current ones run). A stable sort of the
+    known flags puts the unknown positions first, in order."""
+    return torch.sort(unknown.logical_not().to(torch.uint8), dim=1, stable=True).indices[:, :count]
+
+
 def maskgit_decode(
     model: DCAR,
     text_kv: TextKV,
@@ -170,12 +182,12 @@ def maskgit_decode(
     unknown = torch.ones(b, n, dtype=torch.bool, device=device)
     hidden_store = uncond_store = None
     counts = mask_schedule_counts(num_steps, n)
+    masked_before = n
     for step, masked_after in enumerate(counts):
         cond_h, uncond_h, logits = branch_hidden(
             model, tokens.view(b, h, w), text_kv, use_cfg, return_logits=not logits_at_masked_only
         )
-        # every row has the same number of unknown positions (the schedule is shared), so they gather to (B, M)
-        idx = unknown.nonzero()[:, 1].view(b, -1)
+        idx = unknown_positions(unknown, masked_before)
         rows = 2 * b if use_cfg else b
         idx_rows = torch.cat([idx, idx]) if use_cfg else idx
         if logits_at_masked_only:
@@ -200,7 +212,7 @@ def maskgit_decode(
             uncond_store = torch.zeros_like(uncond_h) if uncond_store is None else uncond_store
             uncond_store = torch.where(newly[..., None], uncond_h, uncond_store)
         tokens = torch.where(remask, mask_id, sampled)
-        unknown = remask
+        unknown, masked_before = remask, masked_after
         if on_step is not None:
             on_step(step, tokens.view(b, h, w))
     return DecodeOutput(tokens.view(b, h, w), hidden_store, uncond_store)

@@ -301,6 +301,35 @@ def test_compiled_pipeline_samples_the_same(parts, monkeypatch):
     assert seen == [kwargs] * 4  # the decoder, compiled on the first decode
 
 
+def test_static_text_kv_buffers_under_cuda_graph_modes(parts, monkeypatch):
+    """After compile(mode="reduce-overhead"), every generation of one shape hands the compiled forward the same
+    K/V tensors, marked static for torch.compile and holding this generation's values (one set per shape); the
+    codes equal the eager pipeline's, and the second generation compiles nothing new. Other modes keep fresh K/V."""
+    ref = DCARPipeline(parts[0], tiny_generator(), parts[1])
+    p = DCARPipeline(parts[0], tiny_generator(), parts[1]).compile(mode="reduce-overhead", backend="aot_eager",
+                                                                     head=False)
+    seen = []
+    original = p.text_kv
+    monkeypatch.setattr(p, "text_kv", lambda *a: seen.append(original(*a)) or seen[-1])
+    frames = torch._dynamo.utils.counters["stats"]
+    for prompts, seed in ((PROMPTS, 1), (PROMPTS[::-1], 2), (PROMPTS[:2], 3)):
+        codes, _ = p.generate_tokens(prompts, 6, 3.0, seed=seed)
+        assert torch.equal(codes, ref.generate_tokens(prompts, 6, 3.0, seed=seed)[0])
+        kv = encode_text_branches(ref.generator, *ref.encode_prompts(prompts), use_cfg=True)
+        assert all(torch.equal(a, b) for a, b in zip(seen[-1].keys + seen[-1].values, kv.keys + kv.values, strict=True))
+        if seed == 1:
+            compiled = frames["unique_graphs"]
+    first, second, third = seen
+    assert first.keys[0] is second.keys[0] and first.values[-1] is second.values[-1]  # one set per shape
+    assert third.keys[0] is not first.keys[0] and third.keys[0].shape[0] == 4  # batch 2: its own set
+    assert all(getattr(t, "_dynamo_static_input_type", None) == "unguarded" for t in first.keys + first.values)
+    assert frames["unique_graphs"] - compiled == 1  # only the new batch size compiled again
+    for mode in ("default", None):
+        q = DCARPipeline(parts[0], tiny_generator(), parts[1]).compile(mode=mode, backend="eager", head=False)
+        states, mask = q.encode_prompts(PROMPTS)
+        assert q.text_kv(states, mask, True).keys[0] is not q.text_kv(states, mask, True).keys[0]
+
+
 def test_save_and_load_round_trip(pipe, tmp_path):
     images = pipe(PROMPTS, 8, 2.0, seed=5)
     pipe.save_pretrained(tmp_path / "pipe")

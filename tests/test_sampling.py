@@ -16,6 +16,7 @@ from dcar.models.generator import (
     HeadConfig,
     TextEncoder,
     TextEncoderConfig,
+    TextKV,
     build_word_tokenizer,
     load_generator_config,
     mask_schedule_counts,
@@ -27,6 +28,7 @@ from dcar.sampling import (
     guide,
     maskgit_decode,
     sample_logits,
+    unknown_positions,
 )
 
 ROOT = Path(__file__).resolve().parents[1]
@@ -130,6 +132,40 @@ def test_masked_only_logits_equal_plain_logits_path():
         fast = decode(model, use_cfg=use_cfg, guidance_scale=2.5, grid=(8, 8), logits_at_masked_only=True)
         plain = decode(model, use_cfg=use_cfg, guidance_scale=2.5, grid=(8, 8), logits_at_masked_only=False)
         assert torch.equal(fast.codes, plain.codes)
+
+
+def test_unknown_positions_equal_nonzero():
+    g = torch.Generator().manual_seed(0)
+    for n, count in [(256, 200), (16, 16), (64, 1), (9, 0)]:
+        unknown = torch.zeros(5, n, dtype=torch.bool)
+        for row in unknown:
+            row[torch.randperm(n, generator=g)[:count]] = True
+        idx = unknown_positions(unknown, count)
+        assert idx.shape == (5, count) and torch.equal(idx, unknown.nonzero()[:, 1].view(5, count))
+
+
+def test_decoding_and_residual_sampling_never_wait_for_the_device():
+    """The whole MaskGIT loop (CFG, kept hidden states, both logits paths) and the residual sampler (plain,
+    temperature, CFG) run on the meta device, where any data-dependent size or host read raises (the check can
+    fail: nonzero and item do): on a GPU the CPU then queues every step without waiting for the previous one."""
+    for sync in (lambda t: t.nonzero(), lambda t: bool(t.any())):
+        with pytest.raises((NotImplementedError, RuntimeError)):
+            sync(torch.ones(2, 3, dtype=torch.bool, device="meta"))
+    model = tiny_model()
+    states, mask = captions()
+    kv = encode_text_branches(model, states, mask, use_cfg=True)
+    to_meta = lambda t: None if t is None else t.to("meta")  # noqa: E731
+    kv = TextKV([to_meta(k) for k in kv.keys], [to_meta(v) for v in kv.values], to_meta(kv.mask),
+                to_meta(kv.attn_mask), to_meta(kv.has_keys))
+    model = model.to("meta")
+    with torch.no_grad():
+        for masked_only in (True, False):
+            out = maskgit_decode(model, kv, 3, (4, 4), use_cfg=True, guidance_scale=3.0, keep_hidden=True,
+                                 keep_uncond=True, logits_at_masked_only=masked_only)
+            assert out.codes.shape == (3, 4, 4) and out.codes.is_meta and out.uncond_hidden.shape == (3, 16, 64)
+        for kw in ({}, {"temperature": 0.5}, {"guidance_scale": 2.0, "uncond_hidden": out.uncond_hidden}):
+            res = model.sample_residuals(out.hidden, out.codes.view(3, 16), None, 4, **kw)
+            assert res.shape == (3, 16, 8) and res.is_meta
 
 
 def test_same_seed_same_tokens_different_seed_different():

@@ -79,6 +79,8 @@ class BenchmarkConfig:
     compile_decoder: bool = False  # with compile=true: also compile the DC-HT decoder
     compile_head: bool = True  # with compile=true: also compile the diffusion head's denoising network
     compile_text: bool = False  # with compile=true: also compile the text encoder's transformer
+    # with a CUDA-graph compile_mode: each call's cross-attention K/V go into fixed buffers (DCARPipeline.text_kv)
+    static_text_kv: bool = True
     decoder_channels_last: bool = False  # DCARPipeline.set_decoder_path(channels_last=...)
     decoder_fuse_norms: bool = False  # DCARPipeline.set_decoder_path(fuse_norms=...)
     seed: int = 0

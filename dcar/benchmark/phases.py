@@ -6,7 +6,7 @@
 (:class:`PhaseFlops`). Phases:
 
 * ``text``: the frozen text encoder (``encode_prompts``) and the generator's caption MLP + cross-attention K/V of
-  both CFG branches, computed once (``encode_text_branches``);
+  both CFG branches, computed once (``DCARPipeline.text_kv``);
 * ``transformer``: the MaskGIT steps (``maskgit_decode``; with ``head.loss_tokens="all"`` also the extra forward
   over the complete code map);
 * ``head``: the diffusion head sampling every residual token (``sample_residuals``);
@@ -104,7 +104,7 @@ def phased_call(pipe: DCARPipeline, prompts: list[str], s: Sampling,
     gen = pipe.make_generator(s.seed)
     with phase("text"):
         states, mask = pipe.encode_prompts(prompts)
-        kv = encode_text_branches(model, states, mask, use_cfg)
+        kv = pipe.text_kv(states, mask, use_cfg)
     with phase("transformer"):
         out = maskgit_decode(model, kv, states.shape[0], pipe.grid_size(), use_cfg=use_cfg, num_steps=s.num_steps,
                              guidance_scale=s.guidance_scale, generator=gen, keep_hidden=masked,

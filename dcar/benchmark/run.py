@@ -305,7 +305,7 @@ def _run(cfg: BenchmarkConfig, device: torch.device, log: Callable[[str], None])
 
     if cfg.compile:
         pipe.compile(mode=cfg.compile_mode, backend=cfg.compile_backend, decoder=cfg.compile_decoder,
-                     head=cfg.compile_head, text=cfg.compile_text)
+                     head=cfg.compile_head, text=cfg.compile_text, static_text_kv=cfg.static_text_kv)
         start = time.perf_counter()
         whole(p1)()
         sync(device)

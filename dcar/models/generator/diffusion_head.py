@@ -212,6 +212,10 @@ class DiffusionHead(nn.Module):
         x = torch.randn((n, d), generator=generator, device=gen_device, dtype=torch.float32).to(cond.device)
         c_all = cond if uncond is None else torch.cat([cond, uncond])
         timesteps = sched.timesteps.tolist()
+        # the temperature's float64 mean coefficients of every step, on the CPU once: python floats in the loop, so
+        # no step copies schedule terms to the device (a host synchronisation per step on a GPU)
+        c_x0, c_xt = (self._coeffs(torch.tensor(timesteps), torch.tensor([*timesteps[1:], -1]), torch.device("cpu"))[k]
+                      .flatten().tolist() for k in ("c_x0", "c_xt"))
         for i, t in enumerate(timesteps):
             x_in = x if uncond is None else torch.cat([x, x])
             t_in = torch.full((x_in.shape[0],), t, device=x.device, dtype=torch.long)
@@ -224,9 +228,7 @@ class DiffusionHead(nn.Module):
             v = torch.full_like(v, -1.0) if self.config.loss == "mse" else v.clamp(-1.0, 1.0)
             step = sched.step(torch.cat([eps, v], dim=1), t, x, generator=generator)
             if temperature != 1.0 and t > 0:
-                t_prev = timesteps[i + 1] if i + 1 < len(timesteps) else -1
-                c = self._coeffs(torch.tensor([t]), torch.tensor([t_prev]), x.device)
-                mean = (c["c_x0"] * step.pred_original_sample.double() + c["c_xt"] * x.double()).float()
+                mean = (c_x0[i] * step.pred_original_sample.double() + c_xt[i] * x.double()).float()
                 x = mean + temperature * (step.prev_sample - mean)
             else:
                 x = step.prev_sample
