@@ -25,16 +25,15 @@ released; HART samples with 4.5 in its own form, which is 5.5 here. A pipeline f
 
 from __future__ import annotations
 
-import contextlib
 import dataclasses
 import json
 import os
-from collections.abc import Callable, Iterator, Sequence
+from collections.abc import Callable, Sequence
 from pathlib import Path
 from typing import Any
 
 import torch
-from torch import Tensor, nn
+from torch import Tensor
 
 from . import __version__
 from .models.generator import DCAR, TextEncoder, TextEncoderConfig, TextKV
@@ -43,6 +42,7 @@ from .models.tokenizer import DCHT, DecoderPath, build_inference_decoder
 from .models.tokenizer.fast_decoder import weights_key
 from .sampling import branch_hidden, encode_text_branches, maskgit_decode
 from .utils.atomic import atomic_write_text
+from .utils.modes import eval_mode
 
 __all__ = ["DEFAULT_GUIDANCE_SCALE", "DCARPipeline", "load_text_encoder", "save_text_encoder"]
 
@@ -85,19 +85,6 @@ def load_text_encoder(directory: str | os.PathLike) -> TextEncoder:
 def _kv_tensors(kv: TextKV) -> list[Tensor]:
     """The tensors of ``kv`` in a fixed order: keys, values, mask, has_keys, then attn_mask when there is one."""
     return [*kv.keys, *kv.values, kv.mask, kv.has_keys, *([] if kv.attn_mask is None else [kv.attn_mask])]
-
-
-@contextlib.contextmanager
-def _eval_mode(*modules: nn.Module) -> Iterator[None]:
-    """Put ``modules`` in eval mode and restore every submodule's exact training flag afterwards."""
-    flags = [(m, m.training) for module in modules for m in module.modules()]
-    for module in modules:
-        module.eval()
-    try:
-        yield
-    finally:
-        for m, flag in flags:
-            m.training = flag
 
 
 class DCARPipeline:
@@ -276,7 +263,7 @@ class DCARPipeline:
         use_cfg = guidance_scale != 1.0 or head_cfg
         masked_mode = need_head and model.head.config.loss_tokens == "masked"
         gen = self.make_generator(seed, generator)
-        with _eval_mode(model):
+        with eval_mode(model):
             states, mask = self.encode_prompts(prompts)
             kv = self.text_kv(states, mask, use_cfg)
             out = maskgit_decode(
@@ -330,7 +317,7 @@ class DCARPipeline:
         codes = codes.to(self.device).long()
         use_cfg = head_guidance_scale != 1.0
         gen = self.make_generator(seed, generator)
-        with _eval_mode(model):
+        with eval_mode(model):
             states, mask = self.encode_prompts(prompts)
             kv = self.text_kv(states, mask, use_cfg)
             if context == "full":
@@ -422,7 +409,7 @@ class DCARPipeline:
     def decode(self, codes: Tensor, residual: Tensor | None = None) -> Tensor:
         """DC-HT decoding of ``codebook[codes] (+ residual)`` to images (B, 3, H, W) clamped to [-1, 1]
         (through the :meth:`set_decoder_path` options)."""
-        with _eval_mode(self.tokenizer):
+        with eval_mode(self.tokenizer):
             tok_dtype = next(self.tokenizer.parameters()).dtype
             residual = None if residual is None else residual.to(tok_dtype)
             images = self.tokenizer.decode_indices(codes, residual, self._decoder())

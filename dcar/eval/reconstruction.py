@@ -31,6 +31,8 @@ import numpy as np
 import torch
 from torch import Tensor
 
+from dcar.utils.modes import eval_mode
+
 PSNR_CAP_DB = 100.0
 """Upper bound of a per-image PSNR (dB): identical images score this instead of +inf."""
 
@@ -178,15 +180,13 @@ def evaluate_reconstruction(
     if device is None:
         device = next(tokenizer.parameters()).device
     device = torch.device(device)
-    was_training = tokenizer.training
-    tokenizer.eval()
     codebook_size = int(tokenizer.quantizer.codebook_size)
     counts = torch.zeros(codebook_size, dtype=torch.long)
     psnrs: dict[str, list[float]] = {p: [] for p in PATHS}
     ssims: dict[str, list[float]] = {p: [] for p in PATHS}
     kept: dict[str, list[Tensor]] = {"original": [], **{p: [] for p in PATHS}}
     n_kept = 0
-    try:
+    with eval_mode(tokenizer):
         for batch in iter_image_batches(images, batch_size):
             x = batch.to(device=device, dtype=next(tokenizer.parameters()).dtype)
             out = tokenizer.encode(x)
@@ -203,8 +203,6 @@ def evaluate_reconstruction(
                 for p in PATHS:
                     kept[p].append(recon[p][:take].clamp(-1, 1).float().cpu())
                 n_kept += take
-    finally:
-        tokenizer.train(was_training)
 
     n = len(psnrs["continuous"])
     if n == 0:

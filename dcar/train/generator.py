@@ -217,12 +217,8 @@ class GeneratorTrainer(Trainer):
         from dcar.pipeline import DCARPipeline
         from dcar.train.logging import save_image_grid
 
-        gen = self.export_model()
-        was_training = gen.training
-        gen.eval()
         data = build_dataset(self.cfg.data, "heldout")
         captions = [data[i]["caption"] for i in range(min(self.cfg.num_preview, len(data)))]
-        pipe = DCARPipeline(self.tokenizer, gen, self.text_encoder)
-        images = pipe(captions, seed=self.cfg.seed)
+        pipe = DCARPipeline(self.tokenizer, self.export_model(), self.text_encoder)
+        images = pipe(captions, seed=self.cfg.seed)  # in eval mode: the pipeline restores the modes after
         save_image_grid(images, self.run_dir / "images" / f"samples_{step:08d}.png", captions=captions)
-        gen.train(was_training)

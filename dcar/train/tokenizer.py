@@ -35,6 +35,7 @@ from dcar.train import checkpoint as ckpt
 from dcar.train.logging import save_image_grid
 from dcar.train.optim import build_optimizer
 from dcar.train.trainer import Trainer
+from dcar.utils.modes import eval_mode
 
 
 @dataclass(frozen=True)
@@ -167,22 +168,20 @@ class TokenizerTrainer(Trainer):
         from torch.utils.data import DataLoader
 
         tokenizer = self.unwrap("model").tokenizer
-        was_training = tokenizer.training
-        tokenizer.eval()
         loader = DataLoader(build_dataset(self.cfg.data, "train"), batch_size=self.cfg.train.batch_size,
                             collate_fn=collate, shuffle=False)
         images, latents, seen = [], [], 0
-        for batch in loader:
-            if "image" not in batch:
-                continue
-            x = batch["image"].to(self.device)
-            if keep_images:
-                images.append(x.cpu())
-            latents.append(tokenizer.encoder(x).float().cpu())
-            seen += x.shape[0]
-            if seen >= num_images:
-                break
-        tokenizer.train(was_training)
+        with eval_mode(tokenizer):
+            for batch in loader:
+                if "image" not in batch:
+                    continue
+                x = batch["image"].to(self.device)
+                if keep_images:
+                    images.append(x.cpu())
+                latents.append(tokenizer.encoder(x).float().cpu())
+                seen += x.shape[0]
+                if seen >= num_images:
+                    break
         return (torch.cat(images) if keep_images else None), torch.cat(latents)
 
     def _broadcast(self, tensor: torch.Tensor) -> torch.Tensor:
@@ -243,10 +242,8 @@ class TokenizerTrainer(Trainer):
         """Latents (on the CPU) of ``images`` (B, 3, H, W) through the encoder in eval mode, in training-batch
         chunks (``_encode_train_images`` does the same for the training set's first images)."""
         tokenizer = self.unwrap("model").tokenizer
-        was_training = tokenizer.training
-        tokenizer.eval()
-        z = [tokenizer.encoder(x.to(self.device)).float().cpu() for x in images.split(self.cfg.train.batch_size)]
-        tokenizer.train(was_training)
+        with eval_mode(tokenizer):
+            z = [tokenizer.encoder(x.to(self.device)).float().cpu() for x in images.split(self.cfg.train.batch_size)]
         return torch.cat(z)
 
     def export_model(self) -> nn.Module:
@@ -281,12 +278,10 @@ class TokenizerTrainer(Trainer):
     def on_checkpoint(self, step: int) -> None:
         """Write a grid: originals, continuous-path and discrete-path reconstructions (EMA weights if any)."""
         model = (self.ema.shadow if self.ema is not None else self.unwrap("model")).tokenizer
-        was_training = model.training
-        model.eval()
         dataset = build_dataset(self.cfg.data, split="heldout")
         n = min(self.cfg.num_preview, len(dataset))
         images = torch.stack([dataset[i]["image"] for i in range(n)]).to(self.device)
-        out = model.encode(images)
-        rows = torch.cat([images, model.decode(out.z).clamp(-1, 1), model.decode(out.zq).clamp(-1, 1)])
+        with eval_mode(model):
+            out = model.encode(images)
+            rows = torch.cat([images, model.decode(out.z).clamp(-1, 1), model.decode(out.zq).clamp(-1, 1)])
         save_image_grid(rows, self.run_dir / "images" / f"recon_{step:08d}.png", nrow=n)
-        model.train(was_training)
