@@ -29,19 +29,22 @@ SCRIPT = ROOT / "scripts" / "benchmark.py"
 
 
 def run_script(argv, monkeypatch):
+    """scripts/benchmark.py with ``argv``; run_benchmark puts torch's thread count back after its ``threads``."""
     monkeypatch.setattr(sys, "argv", [str(SCRIPT), *argv])
-    threads = torch.get_num_threads()
-    try:
-        runpy.run_path(str(SCRIPT), run_name="__main__")
-    finally:
-        torch.set_num_threads(threads)
+    runpy.run_path(str(SCRIPT), run_name="__main__")
 
 
 @pytest.fixture(scope="module")
 def result(tmp_path_factory):
     out = tmp_path_factory.mktemp("bench") / "tiny.json"
-    with pytest.MonkeyPatch.context() as mp:
-        run_script(["preset=tiny", f"out={out}"], mp)
+    threads = torch.get_num_threads()
+    try:
+        torch.set_num_threads(3)
+        with pytest.MonkeyPatch.context() as mp:
+            run_script(["preset=tiny", f"out={out}"], mp)  # the preset runs on one thread
+        assert torch.get_num_threads() == 3  # restored by run_benchmark
+    finally:
+        torch.set_num_threads(threads)
     return json.loads(out.read_text())
 
 

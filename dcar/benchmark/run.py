@@ -29,7 +29,7 @@ import os
 import platform
 import tempfile
 import time
-from collections.abc import Callable
+from collections.abc import Callable, Iterator
 from pathlib import Path
 from typing import Any
 
@@ -249,22 +249,31 @@ def _environment(cfg: BenchmarkConfig, device: torch.device) -> dict[str, Any]:
 
 
 def run_benchmark(cfg: BenchmarkConfig, log: Callable[[str], None] = print) -> dict[str, Any]:
-    """Everything the module docstring lists; writes the JSON (``out=``) and returns it as a dict. float32 on a
-    GPU runs with TF32 set by ``allow_tf32`` (matmuls and cuDNN convolutions), restored afterwards."""
+    """Everything the module docstring lists; writes the JSON (``out=``) and returns it as a dict. Runs with
+    ``threads`` intra-op threads (0: unchanged) and, for float32 on a GPU, TF32 set by ``allow_tf32`` (matmuls and
+    cuDNN convolutions); both process-wide settings are restored afterwards."""
     device = resolve_device(cfg.device)
-    if device.type != "cuda" or cfg.dtype != "float32":
+    with _process_settings(cfg, device):
         return _run(cfg, device, log)
-    saved = torch.backends.cuda.matmul.allow_tf32, torch.backends.cudnn.allow_tf32
-    torch.backends.cuda.matmul.allow_tf32 = torch.backends.cudnn.allow_tf32 = cfg.allow_tf32
+
+
+@contextlib.contextmanager
+def _process_settings(cfg: BenchmarkConfig, device: torch.device) -> Iterator[None]:
+    """Torch's intra-op thread count and TF32 flags as ``cfg`` asks during the block, as they were after it."""
+    threads = torch.get_num_threads()
+    tf32 = torch.backends.cuda.matmul.allow_tf32, torch.backends.cudnn.allow_tf32
+    if cfg.threads:
+        torch.set_num_threads(cfg.threads)
+    if device.type == "cuda" and cfg.dtype == "float32":
+        torch.backends.cuda.matmul.allow_tf32 = torch.backends.cudnn.allow_tf32 = cfg.allow_tf32
     try:
-        return _run(cfg, device, log)
+        yield
     finally:
-        torch.backends.cuda.matmul.allow_tf32, torch.backends.cudnn.allow_tf32 = saved
+        torch.set_num_threads(threads)
+        torch.backends.cuda.matmul.allow_tf32, torch.backends.cudnn.allow_tf32 = tf32
 
 
 def _run(cfg: BenchmarkConfig, device: torch.device, log: Callable[[str], None]) -> dict[str, Any]:
-    if cfg.threads:
-        torch.set_num_threads(cfg.threads)
     if cfg.malloc_keep and device.type == "cpu" and not keep_freed_memory():
         log("malloc_keep: glibc mallopt is unavailable here; using the default allocator")
     dtype = DTYPES[cfg.dtype]
