@@ -25,7 +25,6 @@ released; HART samples with 4.5 in its own form, which is 5.5 here. A pipeline f
 
 from __future__ import annotations
 
-import dataclasses
 import json
 import os
 from collections.abc import Callable, Sequence
@@ -36,8 +35,9 @@ import torch
 from torch import Tensor
 
 from . import __version__
-from .models.generator import DCAR, TextEncoder, TextEncoderConfig, TextKV
+from .models.generator import DCAR, TextEncoder, TextKV
 from .models.generator.masking import mask_schedule_counts
+from .models.generator.text_encoder_folder import load_text_encoder, save_text_encoder
 from .models.tokenizer import DCHT, DecoderPath, build_inference_decoder
 from .models.tokenizer.fast_decoder import weights_key
 from .sampling import branch_hidden, encode_text_branches, maskgit_decode
@@ -47,39 +47,7 @@ from .utils.modes import eval_mode
 __all__ = ["DEFAULT_GUIDANCE_SCALE", "DCARPipeline", "load_text_encoder", "save_text_encoder"]
 
 DEFAULT_GUIDANCE_SCALE = 4.5
-TEXT_ENCODER_CONFIG = "dcar_text_encoder.json"
-_PICKLE_SUFFIXES = (".bin", ".pt", ".pth", ".pkl", ".ckpt")
 CUDA_GRAPH_MODES = ("reduce-overhead", "max-autotune")  # torch.compile modes that capture CUDA graphs
-
-
-def save_text_encoder(text_encoder: TextEncoder, directory: str | os.PathLike) -> Path:
-    """Write the encoder's config, its tokenizer files and its weights (safetensors) into ``directory``."""
-    out = Path(directory)
-    out.mkdir(parents=True, exist_ok=True)
-    text_encoder.model.save_pretrained(str(out), safe_serialization=True)
-    text_encoder.tokenizer.save_pretrained(str(out))
-    cfg = dataclasses.asdict(text_encoder.config)
-    atomic_write_text(out / TEXT_ENCODER_CONFIG, json.dumps(cfg, indent=2, sort_keys=True))
-    return out
-
-
-def load_text_encoder(directory: str | os.PathLike) -> TextEncoder:
-    """A :class:`TextEncoder` from a :func:`save_text_encoder` folder (a ``t5-random`` encoder loads as ``t5``)."""
-    folder = Path(directory)
-    cfg_path = folder / TEXT_ENCODER_CONFIG
-    if not cfg_path.is_file():
-        raise FileNotFoundError(f"{cfg_path} is missing; save the text encoder with DCARPipeline.save_pretrained")
-    if not (folder / "model.safetensors").is_file() and not any(folder.glob("model-*.safetensors")):
-        raise FileNotFoundError(f"{folder} holds no safetensors weights")
-    pickles = sorted(p.name for p in folder.iterdir() if p.suffix in _PICKLE_SUFFIXES)
-    if pickles:
-        raise ValueError(f"{folder} holds pickled files {pickles}; dcar only loads safetensors weights")
-    saved = TextEncoderConfig(**json.loads(cfg_path.read_text()))
-    config = dataclasses.replace(
-        saved, kind="hf" if saved.kind == "hf" else "t5", name_or_path=str(folder), tokenizer_path=str(folder),
-        t5_config={},
-    )
-    return TextEncoder(config)
 
 
 def _kv_tensors(kv: TextKV) -> list[Tensor]:
