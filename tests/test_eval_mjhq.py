@@ -89,7 +89,9 @@ def test_end_to_end_then_resume_regenerates_nothing(main, setup, tmp_path, monke
     assert saved["counts_per_category"] == {c: {"samples": 4, "reference": 4} for c in CATEGORIES}
     assert saved["clip_score"] is None and saved["jpeg_quality"] == 75
     pngs = sorted((out / "samples").glob("*.png"))
-    assert len(pngs) == 12 and Image.open(pngs[0]).size == (128, 128)
+    assert len(pngs) == 12
+    with Image.open(pngs[0]) as png:
+        assert png.size == (128, 128)
     ref = Path(saved["fid_details"]["reference_stats"])
     assert ref.parent == tmp_path / "results" / "fid_stats" and ref.is_file()
     with np.load(ref) as f:

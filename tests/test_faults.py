@@ -107,10 +107,10 @@ def test_save_cut_short_by_sigkill_is_never_resumed_and_cleaned_up(tmp_path):
     writer = ("import os, pathlib, sys, time; d = pathlib.Path(sys.argv[1]) / f'.tmp-step_00000009-{os.getpid()}'; "
               "d.mkdir(parents=True); (d / 'model.safetensors').write_bytes(b'partial'); print('ready', flush=True); "
               "time.sleep(60)")
-    proc = subprocess.Popen([sys.executable, "-c", writer, str(root)], stdout=subprocess.PIPE, text=True)
-    assert proc.stdout.readline().strip() == "ready"
-    os.kill(proc.pid, signal.SIGKILL)
-    proc.wait(timeout=30)
+    with subprocess.Popen([sys.executable, "-c", writer, str(root)], stdout=subprocess.PIPE, text=True) as proc:
+        assert proc.stdout.readline().strip() == "ready"
+        os.kill(proc.pid, signal.SIGKILL)
+        proc.wait(timeout=30)
     stale = root / f".tmp-step_00000009-{proc.pid}"
     busy = root / f".tmp-step_00000009-{os.getppid()}"  # a live process: maybe still writing
     busy.mkdir()

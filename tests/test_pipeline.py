@@ -373,7 +373,8 @@ def test_sample_script(pipe, tmp_path, capsys):
     assert all((out / r["file"]).is_file() for r in rows) and (out / "grid.png").is_file()
     from PIL import Image
 
-    assert Image.open(out / rows[0]["file"]).size == (128, 128)
+    with Image.open(out / rows[0]["file"]) as png:
+        assert png.size == (128, 128)
     first = pipe(["a red circle", "a red circle", "two blue squares"], 4, 2.0, seed=7)
     saved = torch.from_numpy(__import__("numpy").array(Image.open(out / rows[1]["file"]))).permute(2, 0, 1)
     assert (saved.float() - (first[1].clamp(-1, 1) + 1) * 127.5).abs().max() <= 0.51
