@@ -55,6 +55,27 @@ def tiny(tmp_path_factory):
     return cfg, pipe
 
 
+def test_compiled_training_step_is_the_same_step(tiny, monkeypatch):
+    """train_compile: the timed steps run the compiled GeneratorStep (aot_eager here) and train the model exactly
+    as the eager steps do (same FLOPs counted, same weights after the same steps)."""
+    import copy
+
+    from dcar.benchmark.train import train_throughput
+
+    seen, real = [], torch.compile
+    monkeypatch.setattr(torch, "compile", lambda m, **kw: seen.append((type(m).__name__, kw)) or real(m, **kw))
+    gens = [copy.deepcopy(tiny[1].generator) for _ in range(2)]
+    runs = [train_throughput(g, 4, 8, torch.device("cpu"), contextlib.nullcontext, 0, 2, 0, kw)
+            for g, kw in zip(gens, (None, {"backend": "aot_eager"}), strict=True)]
+    assert seen == [("GeneratorStep", {"backend": "aot_eager"})]
+    assert runs[0]["flops_per_step"] == runs[1]["flops_per_step"] > 0
+    before = tiny[1].generator.state_dict()
+    eager, compiled = (g.state_dict() for g in gens)
+    assert not torch.equal(eager["out.weight"], before["out.weight"])  # the steps did train
+    for k in eager:
+        torch.testing.assert_close(compiled[k], eager[k], rtol=1e-5, atol=1e-6, msg=k)
+
+
 def test_json_has_every_key_with_sane_values(result):
     for key in ("device", "dtype", "flops_per_image", "matmul_flops_per_s", "latency_s", "throughput_img_s",
                 "phases", "fraction_of_peak", "transformer_fraction_of_peak", "config", "torch_version",

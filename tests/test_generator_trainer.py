@@ -73,6 +73,28 @@ def test_exact_resume(tmp_path, tokenizer_dir):
         assert a.keys() == b.keys() and all(torch.equal(a[k], b[k]) for k in a), name
 
 
+def test_compiled_training_equals_eager_and_saves_plain_weights(tmp_path, tokenizer_dir):
+    """train.compile=true (aot_eager: dynamo + AOT autograd, no code generation) trains the same steps as eager, and
+    the checkpoints, the final model and a resume see the plain module's weights (no torch.compile prefixes)."""
+    common = ["train.ckpt_every=2", "train.ema_decay=0.9", "train.steps=4"]
+    _run(tmp_path, tokenizer_dir, "eager", *common)
+    compiled = ["train.compile=true", "train.compile_backend=aot_eager"]
+    trainer = _run(tmp_path, tokenizer_dir, "compiled", *common[:2], "train.steps=2", *compiled)
+    assert isinstance(trainer.modules["model"], torch._dynamo.eval_frame.OptimizedModule)
+    _run(tmp_path, tokenizer_dir, "compiled", *common, *compiled)  # resumed from step 2
+    eager, comp = _rows(tmp_path / "eager"), _rows(tmp_path / "compiled")
+    assert [r["step"] for r in comp] == [1, 2, 3, 4]
+    for key in ("loss", "loss/ce", "loss/diffusion", "grad_norm/model"):
+        assert [r[key] for r in comp] == pytest.approx([r[key] for r in eager], rel=1e-5, abs=1e-6), key
+    for name in ("model", "ema"):
+        a = load_file(str(tmp_path / "eager" / "checkpoints" / "step_00000004" / f"{name}.safetensors"))
+        b = load_file(str(tmp_path / "compiled" / "checkpoints" / "step_00000004" / f"{name}.safetensors"))
+        assert a.keys() == b.keys() and not any("_orig_mod" in k for k in b)
+        assert all(torch.allclose(a[k], b[k], rtol=1e-4, atol=1e-6) for k in a), name
+    assert DCAR.from_pretrained(tmp_path / "compiled" / "final").state_dict().keys() == \
+        DCAR.from_pretrained(tmp_path / "eager" / "final").state_dict().keys()
+
+
 def test_discrete_only_has_no_head(tmp_path, tokenizer_dir):
     _run(tmp_path, tokenizer_dir, "d", "model.use_head=false", "train.steps=3", "train.ckpt_every=3")
     rows = _rows(tmp_path / "d")

@@ -159,6 +159,17 @@ def test_cli_rejects_bad_config_before_building(tmp_path, arg, message):
     assert not run.exists()  # nothing was built or written
 
 
+def test_compile_is_refused_for_the_tokenizer_and_checked_for_the_generator(tmp_path):
+    from dcar.config import ConfigError
+    from dcar.train.generator import GeneratorTrainConfig
+
+    with pytest.raises(ConfigError, match="'train.compile' is for the generator only"):
+        _cfg(tmp_path, "c", "train.compile=true")
+    with pytest.raises(ConfigError, match="invalid choice 'fast' for 'train.compile_mode'; valid choices: default, "):
+        load_config(GeneratorTrainConfig, [f"config={ROOT}/configs/generator/shapes.yaml", "train.compile_mode=fast"])
+    assert load_config(GeneratorTrainConfig, ["train.compile=true"]).train.compile
+
+
 def test_merge_codes_at_alternate_start(tmp_path):
     """merge_codes maps synonym codes (same patch) to one index before the alternate stage trains the decoder; the
     map is the one find_synonyms gives on those images, survives training and save/load, and z = zq + residual."""

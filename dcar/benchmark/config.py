@@ -103,6 +103,9 @@ class BenchmarkConfig:
     train_batch: int = 16
     train_warmup: int = 3
     train_repeats: int = 10
+    # the training step compiled as train.compile=true does (torch.compile of GeneratorStep, compile_backend, mode
+    # "default"; the diffusion head's loss stays eager)
+    train_compile: bool = False
     # one whole batch-``throughput_batch`` call under torch.profiler: the ops by self device time go to
     # ``<out>.profile.txt`` and the top ones into the JSON (``profile``)
     profile: bool = False

@@ -75,7 +75,7 @@ def format_report(r: dict[str, Any]) -> str:
                 add(f"  {name}", f"{phase}off {v['off_s']:.4g} s, on {v['on_s']:.4g} s: x{v['speedup']:.2f} ({same})")
     if "train" in r:
         t = r["train"]
-        add(f"training (batch {t['batch']})", f"{t['img_s']:.4g} img/s ({t['seconds_per_step']['median']:.4g} s "
+        add(f"training (batch {t['batch']}{', compiled' if t.get('compiled') else ''})", f"{t['img_s']:.4g} img/s ({t['seconds_per_step']['median']:.4g} s "
                                              f"per step), {_rate(t['achieved_flops_per_s'])} = "
                                              f"{t['fraction_of_peak']:.1%} of matmul")
     add("wall time", f"{r['wall_s']:.1f} s; load average {r['load_average_start'][0]:.2f} -> "

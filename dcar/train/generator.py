@@ -70,10 +70,17 @@ class GeneratorStep(nn.Module):
             acc = (logits[flat_mask].argmax(-1) == indices.flatten(1)[flat_mask]).float().mean()
         out = {"ce": ce, "token_acc": acc, "loss": ce}
         if gen.head is not None and residual is not None:
-            diff = gen.head_loss(hidden, indices, residual, weight_mask=mask)
+            diff = self._head_loss(hidden, indices, residual, mask)
             out["diffusion"] = diff
             out["loss"] = ce + self.head_loss_weight * diff
         return out
+
+    @torch.compiler.disable
+    def _head_loss(self, hidden: torch.Tensor, indices: torch.Tensor, residual: torch.Tensor,
+                   mask: torch.Tensor) -> torch.Tensor:
+        """The residual diffusion loss at the masked positions; eager under ``train.compile``: their number changes
+        every step, and dynamo cannot draw the per-token timesteps (``randint``) for a symbolic count."""
+        return self.generator.head_loss(hidden, indices, residual, weight_mask=mask)
 
 
 def word_vocabulary_captions(cfg: GeneratorTrainConfig) -> list[str]:

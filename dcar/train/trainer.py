@@ -188,7 +188,7 @@ class Trainer(ABC):
 
     # ----------------------------------------------------------------- helpers for train_step
     def unwrap(self, name: str) -> nn.Module:
-        return self.accelerator.unwrap_model(self.modules[name])
+        return self.accelerator.unwrap_model(self.modules[name], keep_torch_compile=False)
 
     @property
     def device(self) -> torch.device:
@@ -273,6 +273,9 @@ class Trainer(ABC):
         prepared = acc.prepare(*self.modules.values(), *self.optimizers.values())
         prepared = prepared if isinstance(prepared, (list, tuple)) else [prepared]
         self.modules = dict(zip(names, prepared[: len(names)], strict=True))
+        if cfg.train.compile:
+            self.modules = {n: torch.compile(m, mode=cfg.train.compile_mode, backend=cfg.train.compile_backend)
+                            for n, m in self.modules.items()}
         self.optimizers = dict(zip(self.optimizers, prepared[len(names):], strict=True))
         self._grad_norms: dict[str, float] = {}
 

@@ -107,9 +107,11 @@ class TextKV:
 
     @staticmethod
     def masks(mask: Tensor) -> tuple[Tensor | None, Tensor]:
-        """SDPA mask and ``has_keys`` from a (B, L) key-padding mask; fully masked rows attend to all keys."""
+        """SDPA mask and ``has_keys`` from a (B, L) key-padding mask; fully masked rows attend to all keys. Without
+        padding there is no SDPA mask, except under torch.compile, where reading ``mask.all()`` would break the
+        graph (the mask then lets every key through: the same attention)."""
         has_keys = mask.any(dim=1)
-        if bool(mask.all()):
+        if not torch.compiler.is_compiling() and bool(mask.all()):
             return None, has_keys
         safe = mask | ~has_keys[:, None]  # avoid NaN from an all -inf softmax row; the output is zeroed instead
         return safe[:, None, None, :], has_keys
