@@ -93,6 +93,10 @@ def test_compiled_training_equals_eager_and_saves_plain_weights(tmp_path, tokeni
         assert all(torch.allclose(a[k], b[k], rtol=1e-4, atol=1e-6) for k in a), name
     assert DCAR.from_pretrained(tmp_path / "compiled" / "final").state_dict().keys() == \
         DCAR.from_pretrained(tmp_path / "eager" / "final").state_dict().keys()
+    # another batch size in the same process compiles again with static shapes (a symbolic batch would break the
+    # mask sampling)
+    _run(tmp_path, tokenizer_dir, "batch8", "train.steps=1", "train.batch_size=8", *compiled)
+    assert _rows(tmp_path / "batch8")[0]["loss"] > 0
 
 
 def test_discrete_only_has_no_head(tmp_path, tokenizer_dir):

@@ -273,9 +273,9 @@ class Trainer(ABC):
         prepared = acc.prepare(*self.modules.values(), *self.optimizers.values())
         prepared = prepared if isinstance(prepared, (list, tuple)) else [prepared]
         self.modules = dict(zip(names, prepared[: len(names)], strict=True))
-        if cfg.train.compile:
-            self.modules = {n: torch.compile(m, mode=cfg.train.compile_mode, backend=cfg.train.compile_backend)
-                            for n, m in self.modules.items()}
+        if cfg.train.compile:  # static shapes: a symbolic batch size breaks the mask sampling's torch.rand
+            self.modules = {n: torch.compile(m, mode=cfg.train.compile_mode, backend=cfg.train.compile_backend,
+                                             dynamic=False) for n, m in self.modules.items()}
         self.optimizers = dict(zip(self.optimizers, prepared[len(names):], strict=True))
         self._grad_norms: dict[str, float] = {}
 
