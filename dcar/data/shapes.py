@@ -36,6 +36,16 @@ from PIL import Image
 from scipy import ndimage
 from torch.utils.data import Dataset
 
+from dcar.data.shapes_layout import (
+    check_align,
+    check_grid,
+    check_size_scale,
+    layout_params,
+    layout_spec,
+    relation_holds,
+    sample_scene,
+    shape_mask,
+)
 from dcar.data.shapes_scene import (
     BACKGROUNDS,
     COLORS,
@@ -51,16 +61,8 @@ from dcar.data.shapes_scene import (
     ShapeObject,
     all_specs,
     caption_split,
-    check_align,
-    check_grid,
-    check_size_scale,
-    layout_params,
-    layout_spec,
     parse_caption,
-    relation_holds,
-    sample_scene,
     sample_spec,
-    shape_mask,
     spec_of,
     split_captions,
     split_lighting,
