@@ -232,7 +232,28 @@ def test_profile_ranks_ops_and_cast_text_encoder(tmp_path, monkeypatch):
     names = {e["name"] for e in top}
     assert any("convolution" in n for n in names) and names & {"aten::addmm", "aten::mm", "aten::linear"}
     assert result["models"]["text_encoder_dtype"] == "bfloat16"
+    assert result["host_syncs"] is None  # CUDA's synchronisation check: GPU runs only
     cfg = load_benchmark_config(["preset=tiny", "dtype=bfloat16", "precision=cast", "cast_text_encoder=false"])
     pipe = build_pipeline(cfg, torch.device("cpu"), tmp_path / "words")
     assert next(pipe.text_encoder.parameters()).dtype == torch.float32
     assert next(pipe.generator.parameters()).dtype == torch.bfloat16
+
+
+def test_sync_warnings_are_counted_by_source_line():
+    """host_syncs' counter: the synchronisation warnings (torch.cuda.set_sync_debug_mode's message) of a call, by
+    the line that issued them; other warnings are not counted."""
+    import warnings
+
+    from dcar.benchmark.profile import SYNC_WARNING, count_sync_warnings
+
+    def call():
+        for _ in range(3):
+            warnings.warn(f"{SYNC_WARNING} (nonzero)", UserWarning, stacklevel=1)
+        warnings.warn(SYNC_WARNING, UserWarning, stacklevel=1)
+        warnings.warn("something else", UserWarning, stacklevel=1)
+
+    counted = count_sync_warnings(call)
+    assert counted["count"] == 4 and sorted(counted["where"].values()) == [1, 3]
+    assert all(k.startswith(__file__) for k in counted["where"])
+    assert count_sync_warnings(lambda: None) == {"count": 0, "where": {}}
+

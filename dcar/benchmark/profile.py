@@ -1,12 +1,17 @@
-"""``profile=true``: one whole sampling call under ``torch.profiler``, its ops ranked by self device time.
+"""``profile=true``: one whole sampling call under ``torch.profiler``, its ops ranked by self device time, and (GPU)
+one call under CUDA's synchronisation check.
 
 The table (``torch.profiler`` key averages, sorted by self CUDA time on a GPU, self CPU time on a CPU) goes to
 ``<out>.profile.txt`` beside the JSON; the JSON gets the top ops with their share of the call's device time, the
-place to look first when a phase is slower than its FLOPs say.
+place to look first when a phase is slower than its FLOPs say. :func:`host_syncs` counts the operations of a call
+that make the CPU wait for the GPU (``torch.cuda.set_sync_debug_mode``), by the source line that issued them: a
+sampling loop without them lets the CPU queue each step while the GPU runs the previous one.
 """
 
 from __future__ import annotations
 
+import warnings
+from collections import Counter
 from collections.abc import Callable
 from pathlib import Path
 from typing import Any
@@ -17,7 +22,7 @@ from dcar.utils.atomic import atomic_write_text
 
 from .timing import sync
 
-__all__ = ["profile_call"]
+__all__ = ["count_sync_warnings", "host_syncs", "profile_call"]
 
 
 def profile_call(call: Callable[[], Any], device: torch.device, out: Path, top: int = 25) -> dict[str, Any]:
@@ -45,3 +50,27 @@ def profile_call(call: Callable[[], Any], device: torch.device, out: Path, top: 
     return {"sort_by": sort_by, "total_us": total, "file": str(path),
             "top": [{"name": e.key, "self_us": self_us(e), "share": self_us(e) / total if total else 0.0,
                      "calls": int(e.count)} for e in ranked]}
+
+
+SYNC_WARNING = "called a synchronizing CUDA operation"  # torch.cuda.set_sync_debug_mode("warn")'s message
+
+
+def count_sync_warnings(call: Callable[[], Any]) -> dict[str, Any]:
+    """Run ``call``, recording every warning; ``{"count", "where": {"file:line": n}}`` of the synchronisation ones."""
+    with warnings.catch_warnings(record=True) as caught:
+        warnings.simplefilter("always")
+        call()
+    where = Counter(f"{w.filename}:{w.lineno}" for w in caught if SYNC_WARNING in str(w.message))
+    return {"count": sum(where.values()), "where": dict(where.most_common())}
+
+
+def host_syncs(call: Callable[[], Any], device: torch.device) -> dict[str, Any] | None:
+    """The synchronising CUDA operations of one (warm) ``call`` by source line; None off the GPU."""
+    if device.type != "cuda":
+        return None
+    sync(device)
+    torch.cuda.set_sync_debug_mode("warn")
+    try:
+        return count_sync_warnings(call)
+    finally:
+        torch.cuda.set_sync_debug_mode("default")

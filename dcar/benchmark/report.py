@@ -62,6 +62,9 @@ def format_report(r: dict[str, Any]) -> str:
         pr = r["profile"]
         add("profile (top ops)", "; ".join(f"{e['name']} {e['share']:.0%}" for e in pr["top"][:6]) +
             f" (of {pr['total_us'] / 1e3:.4g} ms self time; table: {pr['file']})")
+    if r.get("host_syncs"):
+        hs = r["host_syncs"]
+        add("host syncs (one call)", f"{hs['count']}" + "".join(f"; {k} x{n}" for k, n in list(hs["where"].items())[:4]))
     if "ablation" in r:
         a = r["ablation"]
         add(f"ablation (batch {a['batch']})", f"transformer phase with every optimisation on: {a['baseline_s']:.4g} s")

@@ -340,9 +340,10 @@ def _run(cfg: BenchmarkConfig, device: torch.device, log: Callable[[str], None])
         result["transformer_fraction_of_peak"] = tf / mm["flops_per_s"]
     if cfg.profile:
         log(f"profile: one batch-{b} call under torch.profiler")
-        from .profile import profile_call
+        from .profile import host_syncs, profile_call
 
         result["profile"] = profile_call(whole(pb), device, output_path(cfg, device.type, cfg.dtype))
+        result["host_syncs"] = host_syncs(whole(pb), device)
     if cfg.ablate:
         log("ablation: transformer phase with each optimisation off, decode phase with each decoder option on")
         result["ablation"] = _ablation(pipe, cfg, s, device, amp)
