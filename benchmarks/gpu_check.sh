@@ -11,7 +11,8 @@
 #   paper_eager.json      the same models eager, with the ablation (each optimisation off / each decoder option
 #                         on) and generator training throughput
 #   paper_cast.json       as paper_compiled with the weights (text encoder too) cast to bf16 and the decoder and
-#                         text encoder compiled too, plus a profile of one batch-16 call (paper_cast.profile.txt);
+#                         text encoder compiled too, plus a profile of one batch-16 call (paper_cast.profile.txt)
+#                         and its host synchronisations by source line (host_syncs);
 #                         the 2026-11-30 runs predate compile_text, static_text_kv and the sync-free sampling
 #                         loops (each JSON's "config" says what ran)
 #   paper_cast_fresh_kv.json  paper_cast without static_text_kv (each step's CUDA graph copies the K/V in): the
