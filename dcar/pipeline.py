@@ -50,9 +50,11 @@ DEFAULT_GUIDANCE_SCALE = 4.5
 CUDA_GRAPH_MODES = ("reduce-overhead", "max-autotune")  # torch.compile modes that capture CUDA graphs
 
 
-def _kv_tensors(kv: TextKV) -> list[Tensor]:
-    """The tensors of ``kv`` in a fixed order: keys, values, mask, has_keys, then attn_mask when there is one."""
-    return [*kv.keys, *kv.values, kv.mask, kv.has_keys, *([] if kv.attn_mask is None else [kv.attn_mask])]
+def _static_buffer(t: Tensor) -> Tensor:
+    """An uninitialised tensor like ``t`` whose address torch.compile / CUDA graphs treat as fixed."""
+    buffer = torch.empty_like(t)
+    torch._dynamo.mark_static_address(buffer)
+    return buffer
 
 
 class DCARPipeline:
@@ -162,17 +164,12 @@ class DCARPipeline:
         kv = encode_text_branches(self.generator, states, mask, use_cfg)
         if not self._static_text_kv:
             return kv
-        tensors = _kv_tensors(kv)
-        key = (len(kv.keys), kv.attn_mask is None, *((t.shape, t.stride(), t.dtype, t.device) for t in tensors))
+        tensors = kv.tensors()  # 2 * blocks + 2 tensors, + 1 with an attn_mask: the key tells the layouts apart
+        key = tuple((t.shape, t.stride(), t.dtype, t.device) for t in tensors)
         if key not in self._text_kv_buffers:
-            buffers = [torch.empty_like(t) for t in tensors]
-            for t in buffers:
-                torch._dynamo.mark_static_address(t)
-            n = len(kv.keys)
-            self._text_kv_buffers[key] = TextKV(buffers[:n], buffers[n:2 * n], buffers[2 * n],
-                                                buffers[-1] if kv.attn_mask is not None else None, buffers[2 * n + 1])
+            self._text_kv_buffers[key] = kv.map(_static_buffer)
         static = self._text_kv_buffers[key]
-        torch._foreach_copy_(_kv_tensors(static), tensors)
+        torch._foreach_copy_(static.tensors(), tensors)
         return static
 
     def make_generator(self, seed: int | None = None, generator: torch.Generator | None = None) -> torch.Generator:

@@ -16,7 +16,6 @@ from dcar.models.generator import (
     HeadConfig,
     TextEncoder,
     TextEncoderConfig,
-    TextKV,
     build_word_tokenizer,
     load_generator_config,
     mask_schedule_counts,
@@ -154,9 +153,7 @@ def test_decoding_and_residual_sampling_never_wait_for_the_device():
     model = tiny_model()
     states, mask = captions()
     kv = encode_text_branches(model, states, mask, use_cfg=True)
-    to_meta = lambda t: None if t is None else t.to("meta")  # noqa: E731
-    kv = TextKV([to_meta(k) for k in kv.keys], [to_meta(v) for v in kv.values], to_meta(kv.mask),
-                to_meta(kv.attn_mask), to_meta(kv.has_keys))
+    kv = kv.map(lambda t: t.to("meta"))
     model = model.to("meta")
     with torch.no_grad():
         for masked_only in (True, False):

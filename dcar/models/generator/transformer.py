@@ -11,6 +11,7 @@ PixArt's base-size interpolation and is recomputed for the actual (h, w) on ever
 
 from __future__ import annotations
 
+from collections.abc import Callable
 from dataclasses import dataclass
 
 import torch
@@ -104,6 +105,16 @@ class TextKV:
     mask: Tensor
     attn_mask: Tensor | None
     has_keys: Tensor
+
+    def tensors(self) -> list[Tensor]:
+        """Every tensor, in a fixed order: keys, values, mask, has_keys, then attn_mask when there is one."""
+        extra = [] if self.attn_mask is None else [self.attn_mask]
+        return [*self.keys, *self.values, self.mask, self.has_keys, *extra]
+
+    def map(self, fn: Callable[[Tensor], Tensor]) -> TextKV:
+        """The same structure with ``fn`` applied to every tensor (``attn_mask`` None stays None)."""
+        return TextKV([fn(k) for k in self.keys], [fn(v) for v in self.values], fn(self.mask),
+                      None if self.attn_mask is None else fn(self.attn_mask), fn(self.has_keys))
 
     @staticmethod
     def masks(mask: Tensor) -> tuple[Tensor | None, Tensor]:
