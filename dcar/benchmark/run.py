@@ -353,7 +353,7 @@ def _run(cfg: BenchmarkConfig, device: torch.device, log: Callable[[str], None])
 
         tr = train_throughput(gen, cfg.train_batch, pipe.text_encoder.config.max_length, device, amp,
                               cfg.train_warmup, cfg.train_repeats, cfg.seed,
-                              {"backend": cfg.compile_backend, "dynamic": False} if cfg.train_compile else None)
+                              cfg.compile_backend if cfg.train_compile else None)
         tr["compiled"] = cfg.train_compile
         tr["fraction_of_peak"] = tr["achieved_flops_per_s"] / mm["flops_per_s"]
         result["train"] = tr

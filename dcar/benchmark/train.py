@@ -43,20 +43,22 @@ def random_batch(model: DCAR, batch: int, text_len: int, device: torch.device, s
 
 def train_throughput(model: DCAR, batch: int, text_len: int, device: torch.device,
                      amp: Callable[[], AbstractContextManager], warmup: int, repeats: int,
-                     seed: int = 0, compile_kwargs: dict[str, Any] | None = None) -> dict[str, Any]:
+                     seed: int = 0, compile_backend: str | None = None) -> dict[str, Any]:
     """Seconds per step (median of ``repeats`` after ``1 + warmup`` untimed steps), FLOPs per step, peak memory.
 
-    ``compile_kwargs``: the timed steps run ``torch.compile(GeneratorStep, **compile_kwargs)``, as the trainers'
-    ``train.compile`` does (the counted first step stays eager; the warm-up steps include the compilation).
+    ``compile_backend``: the timed steps run the GeneratorStep compiled with that backend as ``train.compile`` compiles
+    it (:func:`~dcar.train.runtime.compile_for_training`; the counted first step stays eager, the warm-up steps
+    include the compilation).
     ``model`` is trained in place (its weights change); it is left in eval mode.
     """
     from dcar.train.generator import GeneratorStep
     from dcar.train.optim import build_optimizer
+    from dcar.train.runtime import compile_for_training
 
     step_module = GeneratorStep(model, label_smoothing=0.1, head_loss_weight=1.0).train()
     optimizer = build_optimizer([model], OptimConfig(lr=1e-4, betas=(0.9, 0.96), weight_decay=0.045))
     inputs = random_batch(model, batch, text_len, device, seed)
-    timed_module = step_module if compile_kwargs is None else torch.compile(step_module, **compile_kwargs)
+    timed_module = step_module if compile_backend is None else compile_for_training(step_module, backend=compile_backend)
 
     def step(module: torch.nn.Module = timed_module) -> None:
         torch.manual_seed(seed)  # the same mask ratios, masks and noise in every step, so the same FLOPs

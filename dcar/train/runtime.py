@@ -14,8 +14,8 @@ import torch
 
 from dcar.config.schema import TrainConfig
 
-__all__ = ["build_accelerator", "check_process_group", "launched_world_size", "rng_state", "seed_everything",
-           "set_rng_state", "step_seed"]
+__all__ = ["build_accelerator", "check_process_group", "compile_for_training", "launched_world_size", "rng_state",
+           "seed_everything", "set_rng_state", "step_seed"]
 
 
 def step_seed(seed: int, rank: int, step: int) -> int:
@@ -81,3 +81,9 @@ def check_process_group(accelerator: Any) -> None:
             f"launched as {launched} processes (WORLD_SIZE) but accelerate formed a group of "
             f"{accelerator.num_processes}: each process would train alone and overwrite the same run.dir. "
             "Pass Accelerator(cpu=True) on machines without a GPU.")
+
+
+def compile_for_training(module: torch.nn.Module, mode: str = "default", backend: str = "inductor") -> torch.nn.Module:
+    """``torch.compile`` a training step as ``train.compile`` does: static shapes, because a symbolic batch size
+    (dynamo's automatic dynamic shapes once a second batch size is seen) breaks the mask sampling's ``torch.rand``."""
+    return torch.compile(module, mode=mode, backend=backend, dynamic=False)

@@ -41,6 +41,7 @@ from dcar.train.run_dir import prepare_run_dir
 from dcar.train.runtime import (
     build_accelerator,
     check_process_group,
+    compile_for_training,
     rng_state,
     seed_everything,
     set_rng_state,
@@ -212,9 +213,9 @@ class Trainer(ABC):
         prepared = acc.prepare(*self.modules.values(), *self.optimizers.values())
         prepared = prepared if isinstance(prepared, (list, tuple)) else [prepared]
         self.modules = dict(zip(names, prepared[: len(names)], strict=True))
-        if cfg.train.compile:  # static shapes: a symbolic batch size breaks the mask sampling's torch.rand
-            self.modules = {n: torch.compile(m, mode=cfg.train.compile_mode, backend=cfg.train.compile_backend,
-                                             dynamic=False) for n, m in self.modules.items()}
+        if cfg.train.compile:
+            self.modules = {n: compile_for_training(m, cfg.train.compile_mode, cfg.train.compile_backend)
+                            for n, m in self.modules.items()}
         self.optimizers = dict(zip(self.optimizers, prepared[len(names):], strict=True))
         self._grad_norms: dict[str, float] = {}
 
