@@ -171,21 +171,19 @@ class TokenizerTrainer(Trainer):
         mode), on the CPU; the same images on every rank."""
         from torch.utils.data import DataLoader
 
-        tokenizer = self.unwrap("model").tokenizer
         loader = DataLoader(build_dataset(self.cfg.data, "train"), batch_size=self.cfg.train.batch_size,
                             collate_fn=collate, shuffle=False)
         images, latents, seen = [], [], 0
-        with eval_mode(tokenizer):
-            for batch in loader:
-                if "image" not in batch:
-                    continue
-                x = batch["image"].to(self.device)
-                if keep_images:
-                    images.append(x.cpu())
-                latents.append(tokenizer.encoder(x).float().cpu())
-                seen += x.shape[0]
-                if seen >= num_images:
-                    break
+        for batch in loader:
+            if "image" not in batch:
+                continue
+            x = batch["image"]
+            if keep_images:
+                images.append(x)
+            latents.append(self._encode(x))
+            seen += x.shape[0]
+            if seen >= num_images:
+                break
         return (torch.cat(images) if keep_images else None), torch.cat(latents)
 
     def _broadcast(self, tensor: torch.Tensor) -> torch.Tensor:
@@ -244,7 +242,7 @@ class TokenizerTrainer(Trainer):
     @torch.no_grad()
     def _encode(self, images: torch.Tensor) -> torch.Tensor:
         """Latents (on the CPU) of ``images`` (B, 3, H, W) through the encoder in eval mode, in training-batch
-        chunks (``_encode_train_images`` does the same for the training set's first images)."""
+        chunks."""
         tokenizer = self.unwrap("model").tokenizer
         with eval_mode(tokenizer):
             z = [tokenizer.encoder(x.to(self.device)).float().cpu() for x in images.split(self.cfg.train.batch_size)]
