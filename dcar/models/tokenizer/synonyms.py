@@ -88,8 +88,9 @@ def find_gain_synonyms(base: Tensor, scaled: Tensor, codebook_size: int, purity:
         raise ValueError(f"expected two (N,) code tensors; got {tuple(base.shape)} and {tuple(scaled.shape)}")
     if not 0.5 < purity <= 1.0:
         raise ValueError(f"purity must lie in (0.5, 1] (one partner per code), got {purity}")
+    base, scaled = base.long().cpu(), scaled.long().cpu()
     edges = []
-    for src, dst in ((scaled.long().cpu(), base.long().cpu()), (base.long().cpu(), scaled.long().cpu())):
+    for src, dst in ((scaled, base), (base, scaled)):
         pairs, count = torch.unique(src * codebook_size + dst, return_counts=True)
         a, b = pairs // codebook_size, pairs % codebook_size
         total = torch.bincount(src, minlength=codebook_size)[a]
@@ -116,8 +117,8 @@ def unite_codes(code_map: Tensor, edges: Tensor, counts: Tensor) -> Tensor:
         ri, rj = root(i), root(j)
         if ri != rj:
             parent[max(ri, rj)] = min(ri, rj)
-    roots = torch.tensor([root(i) for i in range(size)])
+    roots = [root(i) for i in range(size)]
     best: dict[int, int] = {}
     for code in torch.argsort(counts.cpu(), descending=True, stable=True).tolist():
-        best.setdefault(int(roots[code]), code)
-    return torch.tensor([best[int(r)] for r in roots.tolist()], dtype=torch.long)
+        best.setdefault(roots[code], code)
+    return torch.tensor([best[r] for r in roots], dtype=torch.long)
