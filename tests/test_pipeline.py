@@ -316,7 +316,7 @@ def test_static_text_kv_buffers_under_cuda_graph_modes(parts, monkeypatch):
         codes, _ = p.generate_tokens(prompts, 6, 3.0, seed=seed)
         assert torch.equal(codes, ref.generate_tokens(prompts, 6, 3.0, seed=seed)[0])
         kv = encode_text_branches(ref.generator, *ref.encode_prompts(prompts), use_cfg=True)
-        assert all(torch.equal(a, b) for a, b in zip(seen[-1].keys + seen[-1].values, kv.keys + kv.values, strict=True))
+        assert all(torch.equal(a, b) for a, b in zip(seen[-1].tensors(), kv.tensors(), strict=True))
         if seed == 1:
             compiled = frames["unique_graphs"]
     first, second, third = seen
