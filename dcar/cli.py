@@ -8,6 +8,7 @@ import sys
 from collections.abc import Callable, Sequence
 from pathlib import Path
 
+from dcar.config.help import ConfigHelp
 from dcar.config.loader import ConfigError, Preset
 
 
@@ -25,10 +26,15 @@ def data_preset() -> Preset:
 
 
 def run_cli(main: Callable[[Sequence[str]], object], argv: Sequence[str] | None = None) -> None:
-    """Run ``main(argv)``; a :class:`ConfigError` prints one clear line and exits with status 2 (no traceback)."""
+    """Run ``main(argv)``; a :class:`ConfigError` prints one clear line and exits with status 2 (no traceback);
+    ``-h`` / ``--help`` prints the script's docstring and every config key with its value, and exits with 0."""
     logging.basicConfig(level=os.environ.get("DCAR_LOGLEVEL", "INFO"), format="%(asctime)s %(levelname)s %(name)s: %(message)s")
     try:
         main(list(sys.argv[1:] if argv is None else argv))
+    except ConfigHelp as help_:
+        doc = (sys.modules[main.__module__].__doc__ or "").strip()
+        print(f"{doc}\n\n{help_.text}" if doc else help_.text)
+        sys.exit(0)
     except ConfigError as err:
         print(f"config error: {err}", file=sys.stderr)
         sys.exit(2)

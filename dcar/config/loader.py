@@ -20,6 +20,8 @@ from typing import Any, TypeVar
 from omegaconf import DictConfig, OmegaConf
 from omegaconf.errors import OmegaConfBaseException
 
+from dcar.config.help import HELP_FLAGS, ConfigHelp, help_text, wants_help
+
 T = TypeVar("T")
 
 
@@ -170,18 +172,24 @@ def load_config(
     """Build a ``schema`` instance from defaults, a base YAML, presets and dotlist overrides (in that order).
 
     ``config=PATH`` on the command line replaces ``default_config``. The schema must have a ``config: str`` field,
-    which records the base YAML used. Raises :class:`ConfigError` naming the offending key and its source.
+    which records the base YAML used. Raises :class:`ConfigError` naming the offending key and its source, and
+    :class:`~dcar.config.help.ConfigHelp` (after the same checks) when ``-h`` or ``--help`` is among the arguments:
+    its text lists every key with the value the other arguments give it.
     """
+    show_help = wants_help(argv)
+    argv = [arg for arg in argv if arg not in HELP_FLAGS]
     paths = schema_paths(schema)
     by_key = {p.key: p for p in presets}
     base = default_config
     layers: list[tuple[str, DictConfig]] = []
     dotlist: list[str] = []
+    chosen: list[tuple[Preset, str]] = []
     for key, value in parse_argv(argv):
         if key == "config":
             base = value
         elif key in by_key:
             preset = by_key[key]
+            chosen.append((preset, value))
             path = preset.path(value)
             node = _load_yaml(path)
             check_keys(node, paths, f"in preset {path}", prefix=f"{preset.target}." if preset.target else "")
@@ -209,6 +217,10 @@ def load_config(
             msg = str(err).splitlines()[0]
             raise ConfigError(f"wrong value for '{key}' {source}: {msg}") from None
     check_choices(cfg, paths)
+    if show_help:
+        sources = [*([str(base)] if base else []), *(f"{p.key}={v}" for p, v in chosen),
+                   *(["the command line"] if dotlist else [])]
+        raise ConfigHelp(help_text(schema, cfg, sources))
     try:
         return OmegaConf.to_object(cfg)
     except OmegaConfBaseException as err:

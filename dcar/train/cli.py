@@ -9,6 +9,7 @@ from pathlib import Path
 
 from dcar.cli import configs_dir, data_preset
 from dcar.config import load_config
+from dcar.config.help import HELP_FLAGS, ConfigHelp
 from dcar.config.loader import ConfigError
 
 
@@ -36,6 +37,9 @@ COMMANDS: dict[str, Callable[[Sequence[str], str], Path]] = {"tokenizer": train_
 
 def main(argv: Sequence[str]) -> None:
     """``python -m dcar.train COMMAND key=value ...``."""
+    if argv and argv[0] in HELP_FLAGS:
+        raise ConfigHelp(f"usage: python -m dcar.train {{{','.join(COMMANDS)}}} key=value ... "
+                         "(-h after the command lists its keys)")
     if not argv or argv[0] not in COMMANDS:
         got = repr(argv[0]) if argv else "nothing"
         raise ConfigError(f"python -m dcar.train COMMAND ...: COMMAND must be one of {', '.join(COMMANDS)}; got {got}")
