@@ -43,18 +43,18 @@ class HeadConfig:
     ``num_sampling_steps``: default number of respaced denoising steps (HART 8, MAR 100).
     """
 
-    token_dim: int = 32
-    width: int = 1024
-    depth: int = 6
+    token_dim: int = 32  # channels of a residual token (the tokenizer's latent channels)
+    width: int = 1024  # the MLP's width (MAR SimpleMLPAdaLN)
+    depth: int = 6  # residual blocks
     num_train_timesteps: int = 1000
-    beta_schedule: str = choice("squaredcos_cap_v2", "squaredcos_cap_v2", "linear")
-    loss: str = choice("mse+vlb", "mse+vlb", "mse")
-    diffusion_batch_mul: int = 4
-    num_sampling_steps: int = 8
-    clip_denoised: bool = True
-    residual_scale: float = 1.0
-    condition: str = choice("hidden+code", "hidden+code", "hidden")
-    loss_tokens: str = choice("masked", "masked", "all")
+    beta_schedule: str = choice("squaredcos_cap_v2", "squaredcos_cap_v2", "linear")  # squaredcos_cap_v2: cosine
+    loss: str = choice("mse+vlb", "mse+vlb", "mse")  # mse+vlb: eps + learned variance (MAR/ADM); mse: eps only
+    diffusion_batch_mul: int = 4  # each token's target repeated with this many noise draws per step (MAR: 4)
+    num_sampling_steps: int = 8  # respaced denoising steps at sampling (HART 8, MAR 100)
+    clip_denoised: bool = True  # clamp the x0 prediction to [-1, 1] (in residual_scale units; HART on, MAR off)
+    residual_scale: float = 1.0  # targets are residual / residual_scale (HART 0.6)
+    condition: str = choice("hidden+code", "hidden+code", "hidden")  # hidden+code: HART's; hidden: MAR's
+    loss_tokens: str = choice("masked", "masked", "all")  # the positions the diffusion loss averages over
 
 
 @dataclass
@@ -73,21 +73,21 @@ class DCARConfig:
     ``null_caption_seed`` and saved in the state dict.
     """
 
-    codebook_size: int = 16384
+    codebook_size: int = 16384  # the tokenizer's codes (the [MASK] token is one more)
     num_layers: int = 28
     width: int = 1152
     num_heads: int = 16
-    mlp_ratio: float = 4.0
-    caption_dim: int = 768
-    max_text_len: int = 120
-    image_size: int = 256
-    downsample: int = 32
-    pos_base_size: int = 8
-    pos_interpolation_scale: float = 1.0
-    null_caption_seed: int = 0
-    train_mask_ratio: str = choice("cosine", "cosine", "truncnorm")
-    train_mask_ratio_min: float = 0.7
-    use_head: bool = True
+    mlp_ratio: float = 4.0  # MLP hidden width = width x mlp_ratio
+    caption_dim: int = 768  # the text encoder's state width (T5-base: 768)
+    max_text_len: int = 120  # caption tokens (the text encoder's max_length)
+    image_size: int = 256  # pixels per side; the token grid is image_size / downsample
+    downsample: int = 32  # the tokenizer's spatial compression
+    pos_base_size: int = 8  # PixArt's base size of the sin-cos position grid (see the class docstring)
+    pos_interpolation_scale: float = 1.0  # PixArt's interpolation scale (512 px: 2)
+    null_caption_seed: int = 0  # seed of the fixed random null caption used for CFG
+    train_mask_ratio: str = choice("cosine", "cosine", "truncnorm")  # MaskGIT's cosine or MAR's truncated normal
+    train_mask_ratio_min: float = 0.7  # truncnorm's lower bound (MAR 0.7, HART 0.5)
+    use_head: bool = True  # false: the discrete-only baseline (no diffusion head, no residual tokens)
     head: HeadConfig = field(default_factory=HeadConfig)
 
     def __post_init__(self) -> None:
