@@ -15,6 +15,8 @@
 #                         and its host synchronisations by source line (host_syncs);
 #                         the 2026-11-30 runs predate compile_text, static_text_kv and the sync-free sampling
 #                         loops (each JSON's "config" says what ran)
+#                         every paper stage also splits the batch-1 call into its phases (latency_phases), so
+#                         the latency floor can be read phase by phase
 #   paper_cast_fresh_kv.json  paper_cast without static_text_kv (each step's CUDA graph copies the K/V in): the
 #                         gain of the static buffers
 #   paper_train_compiled.json generator training with the step compiled (train_compile=true, as train.compile=true

@@ -85,7 +85,8 @@ def test_json_has_every_key_with_sane_values(result):
     assert result["config"]["preset"] == "tiny" and result["torch_version"] == torch.__version__
     for key in ("flops_per_image", "matmul_flops_per_s", "latency_s", "throughput_img_s", "achieved_flops_per_s"):
         assert result[key] > 0, key
-    assert set(result["phases"]) == set(PHASES) and all(v > 0 for v in result["phases"].values())
+    for key in ("phases", "latency_phases"):
+        assert set(result[key]) == set(PHASES) and all(v > 0 for v in result[key].values()), key
     assert 0 < result["fraction_of_peak"] <= 1.5 and 0 < result["transformer_fraction_of_peak"] <= 1.5
     assert result["peak_memory"]["bytes"] > 2**20
     assert result["latency"]["n"] == 2 and result["throughput"]["n"] == 2 and result["matmul"]["size"] == 256
@@ -101,6 +102,8 @@ def test_phases_add_up_to_the_whole_call(result):
     batch_s = result["throughput"]["median"]
     # same work timed two ways on a shared machine: only a loose consistency check
     assert batch_s / 3 < sum(result["phases"].values()) < 3 * batch_s
+    assert result["latency_s"] / 3 < sum(result["latency_phases"].values()) < 3 * result["latency_s"]
+    assert result["latency_phase_timing"]["stats"]["transformer"]["n"] == result["config"]["phase_repeats"]
 
 
 def test_ablation_entries(result):

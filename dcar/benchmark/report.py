@@ -24,6 +24,10 @@ def _bytes(n: int) -> str:
     return f"{n / 2**30:.2f} GiB" if n >= 2**30 else f"{n / 2**20:.0f} MiB"
 
 
+def _phases(seconds: dict[str, float]) -> str:
+    return ", ".join(f"{p} {seconds[p]:.3g} s" for p in PHASES) + f"; sum {sum(seconds.values()):.4g} s"
+
+
 def format_report(r: dict[str, Any]) -> str:
     """A two-column table: what was measured and its value."""
     m = r["models"]
@@ -45,13 +49,13 @@ def format_report(r: dict[str, Any]) -> str:
         lat = r["latency"]
         add(f"latency (batch {r['config']['latency_batch']})",
             f"{lat['median']:.4g} s (median of {lat['n']}; mean {lat['mean']:.4g}, min {lat['min']:.4g})")
+        if "latency_phases" in r:
+            add(f"phases at batch {r['config']['latency_batch']}", _phases(r["latency_phases"]))
         thr = r["throughput"]
         b = r["config"]["throughput_batch"]
         add(f"throughput (batch {b})", f"{r['throughput_img_s']:.4g} img/s ({thr['median']:.4g} s per batch, "
                                       f"median of {thr['n']})")
-        phases = r["phases"]
-        add(f"phases at batch {b}", ", ".join(f"{p} {phases[p]:.3g} s" for p in PHASES) +
-            f"; sum {sum(phases.values()):.4g} s")
+        add(f"phases at batch {b}", _phases(r["phases"]))
     if "fraction_of_peak" in r:
         add("achieved (whole call)", f"{_rate(r['achieved_flops_per_s'])} = {r['fraction_of_peak']:.1%} of matmul")
         add("transformer phase", f"{_rate(r['transformer_flops_per_s'])} = {r['transformer_fraction_of_peak']:.1%} "
