@@ -26,8 +26,9 @@ def data_preset() -> Preset:
 
 
 def run_cli(main: Callable[[Sequence[str]], object], argv: Sequence[str] | None = None) -> None:
-    """Run ``main(argv)``; a :class:`ConfigError` prints one clear line and exits with status 2 (no traceback);
-    ``-h`` / ``--help`` prints the script's docstring and every config key with its value, and exits with 0."""
+    """Run ``main(argv)``; a :class:`ConfigError` or a missing file prints one clear line and exits with status 2
+    (no traceback; ``DCAR_TRACEBACK=1`` raises the missing file's error as usual); ``-h`` / ``--help`` prints the
+    script's docstring and every config key with its value, and exits with 0."""
     logging.basicConfig(level=os.environ.get("DCAR_LOGLEVEL", "INFO"), format="%(asctime)s %(levelname)s %(name)s: %(message)s")
     try:
         main(list(sys.argv[1:] if argv is None else argv))
@@ -37,4 +38,9 @@ def run_cli(main: Callable[[Sequence[str]], object], argv: Sequence[str] | None 
         sys.exit(0)
     except ConfigError as err:
         print(f"config error: {err}", file=sys.stderr)
+        sys.exit(2)
+    except FileNotFoundError as err:  # a mistyped path: its message names the path, a traceback adds nothing
+        if os.environ.get("DCAR_TRACEBACK", "") not in ("", "0"):
+            raise
+        print(f"error: {err} (DCAR_TRACEBACK=1 shows where it was raised)", file=sys.stderr)
         sys.exit(2)

@@ -1,7 +1,9 @@
-"""``-h`` / ``--help``: every key with the value the command would run with, its type, choices and comment."""
+"""The command line: ``-h`` / ``--help`` (every key with the value the command would run with, its type, choices and
+comment) and a missing path reported in one line."""
 
 from __future__ import annotations
 
+import os
 import subprocess
 import sys
 from dataclasses import dataclass, field
@@ -121,3 +123,14 @@ def test_train_module_help():
                           timeout=120)
     assert proc.returncode == 0, proc.stderr
     assert "usage: python -m dcar.train {tokenizer,generator} key=value ..." in proc.stdout
+
+
+def test_a_missing_path_is_one_line_not_a_traceback(tmp_path):
+    argv = [sys.executable, "scripts/sample.py", f"pipeline={tmp_path / 'nope'}", "prompts=a red circle"]
+    proc = subprocess.run(argv, cwd=REPO, capture_output=True, text=True, timeout=120)
+    assert proc.returncode == 2
+    assert proc.stderr.strip() == (f"error: {tmp_path / 'nope'} is not a pipeline folder (tokenizer/, generator/, "
+                                   "text_encoder/) (DCAR_TRACEBACK=1 shows where it was raised)")
+    env = {**os.environ, "DCAR_TRACEBACK": "1"}
+    proc = subprocess.run(argv, cwd=REPO, capture_output=True, text=True, timeout=120, env=env)
+    assert proc.returncode == 1 and "Traceback" in proc.stderr and "FileNotFoundError" in proc.stderr
