@@ -8,6 +8,7 @@ import subprocess
 import sys
 from dataclasses import dataclass, field
 from pathlib import Path
+from typing import Any
 
 import pytest
 
@@ -39,6 +40,7 @@ class HelpConfig:
     name: str = ""  # what to call it
     sizes: list[int] = field(default_factory=lambda: [1, 2])  # a list
     maybe: float | None = None
+    extra: dict[str, Any] = field(default_factory=lambda: {"on": True, "words": ["x", ""]})
     inner: Inner = field(default_factory=Inner)
     after: int = 7  # a key after the section
 
@@ -61,6 +63,7 @@ def test_help_lists_every_key_with_type_choices_and_comment():
     assert '  name = ""  (str)  # what to call it' in lines
     assert "  sizes = [1, 2]  (list[int])  # a list" in lines
     assert "  maybe = null  (float | None)" in lines
+    assert '  extra = {on: true, words: [x, ""]}  (dict[str, Any])' in lines
     assert "  inner.mode = a  (str: a | b)  # a block comment over two lines and a trailing one" in lines
     assert "  inner.rate = 0.5  (float)" in lines and "  inner.plain = false  (bool)" in lines
     # a class's own keys come before its sections; a section is headed by its docstring's first paragraph

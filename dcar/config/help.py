@@ -19,6 +19,8 @@ from typing import Any
 
 from omegaconf import DictConfig, OmegaConf
 
+from dcar.config.schema import field_types
+
 HELP_FLAGS = ("-h", "--help")
 
 
@@ -85,15 +87,17 @@ def _type_name(typ: Any) -> str:
 
 
 def _value(value: Any) -> str:
-    """A value as it would be typed on the command line (YAML's true / false / null, "" for an empty string)."""
+    """A value as it would be typed on the command line: YAML's true / false / null, "" for an empty string,
+    [a, b] and {k: v} for lists and mappings."""
     if OmegaConf.is_config(value):
         value = OmegaConf.to_container(value)
-    if isinstance(value, tuple):
-        value = list(value)
-    if isinstance(value, (list, dict)):
-        return repr(value).replace("'", "").replace("True", "true").replace("False", "false").replace("None", "null")
-    return {True: "true", False: "false", None: "null", "": '""'}.get(value, str(value)) \
-        if isinstance(value, (bool, type(None), str)) else str(value)
+    if isinstance(value, (list, tuple)):
+        return "[" + ", ".join(_value(v) for v in value) + "]"
+    if isinstance(value, dict):
+        return "{" + ", ".join(f"{k}: {_value(v)}" for k, v in value.items()) + "}"
+    if isinstance(value, bool) or value is None:
+        return {True: "true", False: "false", None: "null"}[value]
+    return '""' if value == "" else str(value)
 
 
 def help_text(schema: type, cfg: DictConfig, sources: typing.Sequence[str] = (), width: int = 118) -> str:
@@ -104,7 +108,7 @@ def help_text(schema: type, cfg: DictConfig, sources: typing.Sequence[str] = (),
     lines.append("keys (key=value on the command line; nested keys with dots):")
 
     def walk(cls: type, prefix: str, node: Any) -> None:
-        hints = _hints(cls)
+        hints = field_types(cls)
         comments = field_comments(cls)
         sections = []
         for f in dataclasses.fields(cls):  # a class's own keys first, then its sections
@@ -135,13 +139,6 @@ def _leaf(path: str, f: dataclasses.Field, typ: Any, value: Any, comment: str, w
         line += "\n" + "\n".join(textwrap.wrap(comment, width=width, initial_indent=" " * 6 + "# ",
                                                subsequent_indent=" " * 8))
     return line
-
-
-def _hints(cls: type) -> dict[str, Any]:
-    try:
-        return typing.get_type_hints(cls)
-    except Exception:  # unresolvable forward references: the raw annotations
-        return {f.name: f.type for f in dataclasses.fields(cls)}
 
 
 __all__ = ["HELP_FLAGS", "ConfigHelp", "field_comments", "help_text", "wants_help"]

@@ -21,6 +21,7 @@ from omegaconf import DictConfig, OmegaConf
 from omegaconf.errors import OmegaConfBaseException
 
 from dcar.config.help import HELP_FLAGS, ConfigHelp, help_text, wants_help
+from dcar.config.schema import field_types
 
 T = TypeVar("T")
 
@@ -59,7 +60,7 @@ def schema_paths(schema: type) -> dict[str, dataclasses.Field | None]:
     out: dict[str, dataclasses.Field | None] = {}
 
     def walk(cls: type, prefix: str) -> None:
-        hints = _resolved_types(cls)
+        hints = field_types(cls)
         for f in dataclasses.fields(cls):
             path = f"{prefix}{f.name}"
             typ = hints.get(f.name, f.type)
@@ -71,15 +72,6 @@ def schema_paths(schema: type) -> dict[str, dataclasses.Field | None]:
 
     walk(schema, "")
     return out
-
-
-def _resolved_types(cls: type) -> dict[str, Any]:
-    import typing
-
-    try:
-        return typing.get_type_hints(cls)
-    except Exception:  # forward references we cannot resolve: fall back to the raw annotations
-        return {f.name: f.type for f in dataclasses.fields(cls)}
 
 
 def _flatten(node: Any, prefix: str = "") -> Iterable[str]:

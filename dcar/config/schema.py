@@ -7,8 +7,18 @@ must be one of a fixed set declares it with :func:`choice`, so that the loader c
 
 from __future__ import annotations
 
+import dataclasses
+import typing
 from dataclasses import dataclass, field
 from typing import Any
+
+
+def field_types(cls: type) -> dict[str, Any]:
+    """``{field: type}`` of a dataclass with string annotations resolved (the raw annotations where they cannot be)."""
+    try:
+        return typing.get_type_hints(cls)
+    except Exception:  # forward references we cannot resolve
+        return {f.name: f.type for f in dataclasses.fields(cls)}
 
 
 def choice(default: str, *choices: str) -> Any:
