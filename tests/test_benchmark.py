@@ -103,7 +103,7 @@ def test_phases_add_up_to_the_whole_call(result):
     # same work timed two ways on a shared machine: only a loose consistency check
     assert batch_s / 3 < sum(result["phases"].values()) < 3 * batch_s
     assert result["latency_s"] / 3 < sum(result["latency_phases"].values()) < 3 * result["latency_s"]
-    assert result["latency_phase_timing"]["stats"]["transformer"]["n"] == result["config"]["phase_repeats"]
+    assert result["latency_phase_timing"]["stats"]["transformer"]["n"] == result["config"]["latency_phase_repeats"] == 2
 
 
 def test_ablation_entries(result):
@@ -181,8 +181,9 @@ def test_compile_options_reach_torch_compile(tmp_path, monkeypatch):
     run_script(["preset=tiny", "compile=true", "compile_mode=reduce-overhead", "compile_decoder=true",
                 "decoder_channels_last=true", "decoder_fuse_norms=true", "ablate=false", "train=false",
                 "latency_repeats=1", "throughput_batch=2", "throughput_repeats=1", "phase_repeats=1",
-                f"out={out}"], monkeypatch)
+                "latency_phase_repeats=0", f"out={out}"], monkeypatch)
     result = json.loads(out.read_text())
+    assert "latency_phases" not in result and "phases" in result  # latency_phase_repeats=0 skips the batch-1 split
     assert result["compile"] and result["compile_mode"] == "reduce-overhead"
     assert result["decoder_path"] == {"channels_last": True, "fuse_norms": True}
     assert len(seen) == 3  # the generator's forward, the head's network and the decoder

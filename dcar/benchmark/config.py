@@ -95,6 +95,7 @@ class BenchmarkConfig:
     throughput_warmup: int = 10
     throughput_repeats: int = 50
     phase_repeats: int = 20  # phase breakdown at throughput_batch (runs after the latency runs)
+    latency_phase_repeats: int = 20  # phase breakdown at latency_batch, where the latency goes (0: skipped)
     matmul_size: int = 0  # square GEMM for the device's matmul rate (0: 8192 on GPU, 2048 on CPU)
     matmul_repeats: int = 20
     flops: bool = True  # count FLOPs with FlopCounterMode (one batch-1 call, whole and per phase)
@@ -128,7 +129,7 @@ def _check(cfg: BenchmarkConfig) -> None:
         if getattr(cfg, name) < 1:
             raise ConfigError(f"'{name}' must be >= 1, got {getattr(cfg, name)}")
     counts = ("latency_warmup", "throughput_warmup", "train_warmup", "ablate_warmup", "threads", "matmul_size",
-              "ablate_batch")
+              "ablate_batch", "latency_phase_repeats")
     for name in counts:
         if getattr(cfg, name) < 0:
             raise ConfigError(f"'{name}' must be >= 0, got {getattr(cfg, name)}")

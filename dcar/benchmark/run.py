@@ -322,9 +322,10 @@ def _run(cfg: BenchmarkConfig, device: torch.device, log: Callable[[str], None])
     log(f"latency: batch {cfg.latency_batch}, {cfg.latency_warmup} warm-up + {cfg.latency_repeats} timed calls")
     lat = time_calls(whole(p1), device, cfg.latency_warmup, cfg.latency_repeats)
     result["latency"], result["latency_s"] = lat, lat["median"]
-    log(f"phases: batch {cfg.latency_batch}, {cfg.phase_repeats} piece-by-piece calls")
-    ph1 = _timed_phases(pipe, p1, s, device, amp, cfg.phase_repeats)  # where the latency goes
-    result["latency_phases"], result["latency_phase_timing"] = ph1["median"], ph1
+    if cfg.latency_phase_repeats:
+        log(f"phases: batch {cfg.latency_batch}, {cfg.latency_phase_repeats} piece-by-piece calls")
+        ph1 = _timed_phases(pipe, p1, s, device, amp, cfg.latency_phase_repeats)  # where the latency goes
+        result["latency_phases"], result["latency_phase_timing"] = ph1["median"], ph1
     b = cfg.throughput_batch
     reset_peak_memory(device)
     log(f"phases: batch {b}, {cfg.phase_repeats} piece-by-piece calls")
