@@ -90,6 +90,18 @@ class DCARPipeline:
         self._static_text_kv = False  # compile(): copy each generation's K/V into fixed buffers (CUDA graphs)
         self._text_kv_buffers: dict[tuple, TextKV] = {}  # one set per shape / dtype / device (text_kv)
 
+    def __repr__(self) -> str:
+        g, t, text = self.generator.config, self.tokenizer.config, self.text_encoder.config
+        head = (f"head {g.head.width} x {g.head.depth} ({self.generator.num_parameters('head') / 1e6:.1f}M)"
+                if self.generator.head is not None else "no head (discrete only)")
+        grid = g.image_size // g.downsample
+        return (f"DCARPipeline(generator: {g.num_layers} x {g.width}, {g.num_heads} heads "
+                f"({self.generator.num_parameters('transformer') / 1e6:.1f}M), {head}; "
+                f"tokenizer: DC-HT f{t.spatial_compression}c{t.latent_channels}, {t.quantizer.codebook_size} codes "
+                f"({self.tokenizer.num_parameters() / 1e6:.1f}M); text: {text.kind} {text.name_or_path!r}, "
+                f"{text.max_length} tokens; {g.image_size} px = {grid}x{grid} tokens; {self.device}, "
+                f"{str(self.dtype).removeprefix('torch.')})")
+
     # ---- devices and files -------------------------------------------------------------------------------------
 
     @property

@@ -347,6 +347,15 @@ def test_save_and_load_round_trip(pipe, tmp_path):
         DCARPipeline.from_pretrained(tmp_path / "missing")
 
 
+def test_repr_names_the_parts(pipe, parts):
+    assert repr(pipe) == ("DCARPipeline(generator: 2 x 64, 4 heads "
+                          f"({pipe.generator.num_parameters('transformer') / 1e6:.1f}M), head 48 x 2 "
+                          f"({pipe.generator.num_parameters('head') / 1e6:.1f}M); tokenizer: DC-HT f32c32, 1024 codes "
+                          f"({parts[0].num_parameters() / 1e6:.1f}M); text: t5-random 'google-t5/t5-base', 8 tokens; "
+                          "128 px = 4x4 tokens; cpu, float32)")
+    assert "no head (discrete only)" in repr(DCARPipeline(parts[0], tiny_generator(use_head=False), parts[1]))
+
+
 def test_component_mismatch_errors(parts):
     with pytest.raises(ValueError, match="caption_dim"):
         DCARPipeline(parts[0], tiny_generator(caption_dim=48), parts[1])
