@@ -59,10 +59,10 @@ class LoopConfig:
     # on the 2-core machine it made shapes tokenizer steps 15% and generator steps ~8% faster (README). It sets the
     # CPU's FTZ/DAZ flags only (CUDA kernels are unaffected); float32 values below 1.2e-38 become 0.
     flush_denormal: bool = True
-    # torch.compile the trained modules after accelerate prepared them, with static shapes (generator trainer only:
-    # the tokenizer trainer refuses it; the diffusion head's loss stays eager): inductor fuses the elementwise work
-    # around the GEMMs on a GPU. Checkpoints and exports hold the plain modules' weights either way. "aot_eager" /
-    # "eager": dynamo without code generation (debugging).
+    # torch.compile the trained modules after accelerate prepared them, with static shapes (the generator's
+    # diffusion-head loss stays eager; the tokenizer's step trains with dcar.train.runtime.retained_graph_compile):
+    # inductor fuses the elementwise work around the GEMMs and convolutions. Checkpoints and exports hold the plain
+    # modules' weights either way. "aot_eager" / "eager": dynamo without code generation (debugging).
     compile: bool = False
     compile_mode: str = choice("default", "default", "reduce-overhead", "max-autotune", "max-autotune-no-cudagraphs")
     compile_backend: str = choice("inductor", "inductor", "aot_eager", "eager")

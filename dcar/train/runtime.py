@@ -5,7 +5,8 @@ from __future__ import annotations
 
 import os
 import random
-from collections.abc import Mapping
+from collections.abc import Iterator, Mapping
+from contextlib import contextmanager
 from datetime import timedelta
 from typing import Any
 
@@ -15,7 +16,7 @@ import torch
 from dcar.config.schema import TrainConfig
 
 __all__ = ["build_accelerator", "check_process_group", "compile_for_training", "launched_world_size", "rng_state",
-           "seed_everything", "set_rng_state", "step_seed"]
+           "retained_graph_compile", "seed_everything", "set_rng_state", "step_seed"]
 
 
 def step_seed(seed: int, rank: int, step: int) -> int:
@@ -87,3 +88,25 @@ def compile_for_training(module: torch.nn.Module, mode: str = "default", backend
     """``torch.compile`` a training step as ``train.compile`` does: static shapes, because a symbolic batch size
     (dynamo's automatic dynamic shapes once a second batch size is seen) breaks the mask sampling's ``torch.rand``."""
     return torch.compile(module, mode=mode, backend=backend, dynamic=False)
+
+
+@contextmanager
+def retained_graph_compile(enabled: bool = True) -> Iterator[None]:
+    """torch.compile settings for a step that runs backward through one compiled graph more than once.
+
+    The tokenizer's adaptive GAN weight takes ``torch.autograd.grad(..., retain_graph=True)`` of two losses before
+    the step's backward. With torch's defaults, AOTAutograd refuses (donated buffers require ``retain_graph=False``)
+    and inductor's backward writes into buffers it takes as dead (``inplace_buffers``), so the second pass reads
+    overwritten activations: measured on a tiny DC-HT with the GAN on (CPU, torch 2.14), the GAN loss's gradient at
+    the decoder's last conv came out 6.5e-6 instead of 4.16, the adaptive weight hit its clamp and the loss
+    diverged at the first GAN step. Both settings are read when the graphs compile (the backward's at its first
+    call), so this wraps the training loop; the previous values come back on exit.
+    """
+    if not enabled:
+        yield
+        return
+    import torch._functorch.config as functorch_config
+    import torch._inductor.config as inductor_config
+
+    with functorch_config.patch(donated_buffer=False), inductor_config.patch(inplace_buffers=False):
+        yield

@@ -87,10 +87,6 @@ class TokenizerTrainConfig(TrainConfig):
             raise ConfigError(f"'merge_codes_gains' must be positive and != 1, got {self.merge_codes_gains}")
         if not 0.5 < self.merge_codes_gain_purity <= 1.0:
             raise ConfigError(f"'merge_codes_gain_purity' must lie in (0.5, 1], got {self.merge_codes_gain_purity}")
-        if self.train.compile:  # measured on a tiny tokenizer with the GAN on: inductor's loss diverged at step 3
-            raise ConfigError("'train.compile' is for the generator only: the tokenizer's adaptive GAN weight "
-                              "differentiates the losses twice through one graph and its quantizer updates "
-                              "buffers in place, which torch.compile does not train correctly here (README)")
 
 
 def mix_latents(z: torch.Tensor, zq: torch.Tensor, p_continuous: float) -> tuple[torch.Tensor, torch.Tensor]:
@@ -120,6 +116,7 @@ class TokenizerTrainer(Trainer):
     """Trains DC-HT for one stage; ``modules = {"model": HybridStep(DCHT), "disc": PatchGAN}``."""
 
     cfg: TokenizerTrainConfig
+    backward_twice = True  # the adaptive GAN weight's two autograd.grad calls before the step's backward
 
     def __init__(self, cfg: TokenizerTrainConfig, **kwargs: Any) -> None:
         super().__init__(cfg, **kwargs)

@@ -42,6 +42,7 @@ from dcar.train.runtime import (
     build_accelerator,
     check_process_group,
     compile_for_training,
+    retained_graph_compile,
     rng_state,
     seed_everything,
     set_rng_state,
@@ -72,6 +73,10 @@ class Trainer(ABC):
     returns a dict of scalars to log. Modules named in :meth:`build_modules` are prepared by accelerate,
     checkpointed, and (``"model"``) averaged by EMA when ``train.ema_decay > 0``.
     """
+
+    # the step runs backward through one graph more than once (retain_graph=True): under train.compile the loop
+    # then runs with runtime.retained_graph_compile's settings
+    backward_twice: bool = False
 
     def __init__(self, cfg: TrainConfig, accelerator: Any | None = None, argv: list[str] | None = None) -> None:
         self.cfg = cfg
@@ -342,7 +347,8 @@ class Trainer(ABC):
         bar = tqdm(total=cfg.train.steps, initial=self.step, desc="train", dynamic_ncols=True,
                    disable=not (acc.is_main_process and cfg.log.progress))
         data = self.batches()
-        with self._lost_processes_guard(), flush_denormal(cfg.train.flush_denormal):
+        with (self._lost_processes_guard(), flush_denormal(cfg.train.flush_denormal),
+              retained_graph_compile(cfg.train.compile and self.backward_twice)):
             self._loop(data, bar)
         bar.close()
         final = self.run_dir / "final"
