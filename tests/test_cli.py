@@ -3,7 +3,7 @@ comment) and a missing path reported in one line."""
 
 from __future__ import annotations
 
-import os
+import logging
 import subprocess
 import sys
 from dataclasses import dataclass, field
@@ -12,6 +12,7 @@ from typing import Any
 
 import pytest
 
+from dcar.cli import run_cli
 from dcar.config import ConfigError, Preset, TrainConfig, choice, load_config
 from dcar.config.help import ConfigHelp, field_comments
 
@@ -128,12 +129,21 @@ def test_train_module_help():
     assert "usage: python -m dcar.train {tokenizer,generator} key=value ..." in proc.stdout
 
 
-def test_a_missing_path_is_one_line_not_a_traceback(tmp_path):
+def test_a_missing_path_is_one_line_not_a_traceback(tmp_path, monkeypatch, capsys):
     argv = [sys.executable, "scripts/sample.py", f"pipeline={tmp_path / 'nope'}", "prompts=a red circle"]
     proc = subprocess.run(argv, cwd=REPO, capture_output=True, text=True, timeout=120)
     assert proc.returncode == 2
     assert proc.stderr.strip() == (f"error: {tmp_path / 'nope'} is not a pipeline folder (tokenizer/, generator/, "
                                    "text_encoder/) (DCAR_TRACEBACK=1 shows where it was raised)")
-    env = {**os.environ, "DCAR_TRACEBACK": "1"}
-    proc = subprocess.run(argv, cwd=REPO, capture_output=True, text=True, timeout=120, env=env)
-    assert proc.returncode == 1 and "Traceback" in proc.stderr and "FileNotFoundError" in proc.stderr
+
+    def main(argv):
+        raise FileNotFoundError(f"no such file: {argv[0]}")
+
+    monkeypatch.setattr(logging, "basicConfig", lambda **kwargs: None)  # leave the test process's logging alone
+
+    with pytest.raises(SystemExit) as info:
+        run_cli(main, ["x.yaml"])
+    assert info.value.code == 2 and capsys.readouterr().err.startswith("error: no such file: x.yaml (DCAR_TRACEBACK")
+    monkeypatch.setenv("DCAR_TRACEBACK", "1")
+    with pytest.raises(FileNotFoundError, match="no such file: x.yaml"):
+        run_cli(main, ["x.yaml"])
