@@ -80,10 +80,10 @@ def _trailing_comment(line: str) -> str:
 
 
 def _type_name(typ: Any) -> str:
+    """``int``, ``float | None``, ``list[int]``: the annotation as written."""
     if isinstance(typ, type) and not typing.get_args(typ):
         return typ.__name__
-    name = str(typ).replace("typing.", "")
-    return name
+    return str(typ).replace("typing.", "")
 
 
 def _value(value: Any) -> str:
