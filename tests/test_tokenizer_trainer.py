@@ -184,23 +184,30 @@ def test_retained_graph_compile_patches_and_restores():
 
 def test_compiled_gan_steps_equal_eager(tmp_path, monkeypatch):
     """train.compile (aot_eager: dynamo + AOT autograd, no code generation) with the GAN and its adaptive weight,
-    which differentiates two losses through the compiled graphs before the step's backward: the same losses and
-    adaptive weights as eager, the loop runs under retained_graph_compile, and the checkpoint holds plain weights."""
+    which differentiates two losses through the compiled graphs before the step's backward, stopped at step 2 and
+    resumed: the same losses, adaptive weights and step-4 weights as eager; the loop runs under
+    retained_graph_compile, and the checkpoints hold the plain modules' weights."""
     import dcar.train.trainer as trainer_module
 
     seen = []
     real = trainer_module.retained_graph_compile
     monkeypatch.setattr(trainer_module, "retained_graph_compile", lambda on: seen.append(on) or real(on))
-    steps = [*GAN_STEPS, "train.steps=4", "train.ckpt_every=4"]
-    _train(_cfg(tmp_path, "eager", *steps))
-    _train(_cfg(tmp_path, "compiled", *steps, "train.compile=true", "train.compile_backend=aot_eager"))
-    assert seen == [False, True]
-    eager, compiled = _gan_rows(tmp_path / "eager"), _gan_rows(tmp_path / "compiled")
+    steps = [*GAN_STEPS, "train.ckpt_every=2"]
+    compiled = ["train.compile=true", "train.compile_backend=aot_eager"]
+    _train(_cfg(tmp_path, "eager", *steps, "train.steps=4"))
+    _train(_cfg(tmp_path, "compiled", *steps, "train.steps=2", *compiled))
+    _train(_cfg(tmp_path, "compiled", *steps, "train.steps=4", *compiled))  # resumed from step 2
+    assert seen == [False, True, True]
+    eager, comp = _gan_rows(tmp_path / "eager"), _gan_rows(tmp_path / "compiled")
     assert len(eager) == 4 and eager[2][1] > 0  # the GAN and its adaptive weight are on from the third step
-    for (le, we), (lc, wc) in zip(eager, compiled, strict=True):
+    for (le, we), (lc, wc) in zip(eager, comp, strict=True):
         assert lc == pytest.approx(le, rel=1e-5) and wc == pytest.approx(we, rel=1e-4, abs=1e-7)
-    ckpt = tmp_path / "compiled" / "checkpoints" / "step_00000004" / "model.safetensors"
-    assert not any("_orig_mod" in k for k in load_file(str(ckpt)))
+    for name in ("model", "disc"):  # the checkpoints hold the plain modules' weights, equal to eager's
+        a, b = (load_file(str(tmp_path / run / "checkpoints" / "step_00000004" / f"{name}.safetensors"))
+                for run in ("eager", "compiled"))
+        assert a.keys() == b.keys() and not any("_orig_mod" in k for k in b)
+        for k in a:
+            torch.testing.assert_close(b[k], a[k], rtol=1e-4, atol=1e-5, msg=k)
 
 
 @pytest.mark.slow
