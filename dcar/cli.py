@@ -13,11 +13,11 @@ from dcar.config.loader import ConfigError, Preset
 
 
 def configs_dir() -> Path:
-    """The ``configs/`` folder: ``$DCAR_CONFIGS``, else the repository checkout holding this package, else ./configs."""
+    """The config YAMLs: ``$DCAR_CONFIGS``, else the ones installed with the package (``dcar/configs``, which the
+    repository's top-level ``configs`` links to), so a wheel install finds the paper and shapes configs too."""
     if env := os.environ.get("DCAR_CONFIGS"):
         return Path(env)
-    repo = Path(__file__).resolve().parents[1] / "configs"
-    return repo if repo.is_dir() else Path.cwd() / "configs"
+    return Path(__file__).resolve().parent / "configs"
 
 
 def data_preset() -> Preset:
