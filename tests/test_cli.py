@@ -54,7 +54,8 @@ def _help(argv, **kwargs) -> str:
 
 def test_field_comments_reads_trailing_and_block_comments():
     assert field_comments(Inner) == {"depth": "how deep", "mode": "a block comment over two lines and a trailing one"}
-    assert field_comments(HelpConfig) == {"name": "what to call it", "sizes": "a list", "after": "a key after the section"}
+    assert field_comments(HelpConfig) == {"name": "what to call it", "sizes": "a list",
+                                          "after": "a key after the section"}
 
 
 def test_help_lists_every_key_with_type_choices_and_comment():

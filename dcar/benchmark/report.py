@@ -68,7 +68,8 @@ def format_report(r: dict[str, Any]) -> str:
             f" (of {pr['total_us'] / 1e3:.4g} ms self time; table: {pr['file']})")
     if r.get("host_syncs"):
         hs = r["host_syncs"]
-        add("host syncs (one call)", f"{hs['count']}" + "".join(f"; {k} x{n}" for k, n in list(hs["where"].items())[:4]))
+        top = list(hs["where"].items())[:4]
+        add("host syncs (one call)", f"{hs['count']}" + "".join(f"; {k} x{n}" for k, n in top))
     if "ablation" in r:
         a = r["ablation"]
         add(f"ablation (batch {a['batch']})", f"transformer phase with every optimisation on: {a['baseline_s']:.4g} s")
@@ -82,9 +83,10 @@ def format_report(r: dict[str, Any]) -> str:
                 add(f"  {name}", f"{phase}off {v['off_s']:.4g} s, on {v['on_s']:.4g} s: x{v['speedup']:.2f} ({same})")
     if "train" in r:
         t = r["train"]
-        add(f"training (batch {t['batch']}{', compiled' if t.get('compiled') else ''})", f"{t['img_s']:.4g} img/s ({t['seconds_per_step']['median']:.4g} s "
-                                             f"per step), {_rate(t['achieved_flops_per_s'])} = "
-                                             f"{t['fraction_of_peak']:.1%} of matmul")
+        compiled = ", compiled" if t.get("compiled") else ""
+        add(f"training (batch {t['batch']}{compiled})",
+            f"{t['img_s']:.4g} img/s ({t['seconds_per_step']['median']:.4g} s per step), "
+            f"{_rate(t['achieved_flops_per_s'])} = {t['fraction_of_peak']:.1%} of matmul")
     add("wall time", f"{r['wall_s']:.1f} s; load average {r['load_average_start'][0]:.2f} -> "
                      f"{r['load_average_end'][0]:.2f}")
     width = max(len(k) for k, _ in rows)

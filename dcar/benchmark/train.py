@@ -58,7 +58,8 @@ def train_throughput(model: DCAR, batch: int, text_len: int, device: torch.devic
     step_module = GeneratorStep(model, label_smoothing=0.1, head_loss_weight=1.0).train()
     optimizer = build_optimizer([model], OptimConfig(lr=1e-4, betas=(0.9, 0.96), weight_decay=0.045))
     inputs = random_batch(model, batch, text_len, device, seed)
-    timed_module = step_module if compile_backend is None else compile_for_training(step_module, backend=compile_backend)
+    timed_module = (step_module if compile_backend is None
+                    else compile_for_training(step_module, backend=compile_backend))
 
     def step(module: torch.nn.Module = timed_module) -> None:
         torch.manual_seed(seed)  # the same mask ratios, masks and noise in every step, so the same FLOPs
