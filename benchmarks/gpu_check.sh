@@ -1,7 +1,7 @@
 #!/usr/bin/env bash
 # Issue #7's GPU checks in one pass on a lent GPU (the H200 of the `device` tool), run from the repository root:
 #
-#     OUT=benchmarks/<date>_<gpu> BUDGET_S=540 [STAGES="tiny compiled eager cast cast_fresh_kv train"] bash benchmarks/gpu_check.sh
+#     OUT=benchmarks/<date>_<gpu> BUDGET_S=540 [STAGES="tiny compiled eager cast cast_gelu cast_fresh_kv train"] bash benchmarks/gpu_check.sh
 #
 # Stages (STAGES picks and orders them); each starts only while enough of BUDGET_S (seconds) is left, and each
 # writes its own JSON, so a stage that fails or runs out of time loses nothing of the others:
@@ -17,6 +17,9 @@
 #                         loops (each JSON's "config" says what ran)
 #                         every paper stage also splits the batch-1 call into its phases (latency_phases), so
 #                         the latency floor can be read phase by phase
+#   paper_cast_gelu.json  paper_cast with gelu_epilogue=true (the MLP's bias + tanh GELU in the fc1 GEMM's
+#                         cuBLASLt epilogue): compare with paper_cast.json (paper_eager's ablation has the
+#                         eager autocast transformer phase with it on and off, and tiny_cuda_fp32's the codes)
 #   paper_cast_fresh_kv.json  paper_cast without static_text_kv (each step's CUDA graph copies the K/V in): the
 #                         gain of the static buffers
 #   paper_train_compiled.json generator training with the step compiled (train_compile=true, as train.compile=true
@@ -52,17 +55,18 @@ torch.cuda.get_device_name())"
 CAST="preset=paper precision=cast compile=true compile_mode=reduce-overhead compile_decoder=true compile_text=true
 decoder_channels_last=true decoder_fuse_norms=true train=false"
 REPEATS="latency_warmup=10 latency_repeats=30 throughput_warmup=5 throughput_repeats=20 phase_repeats=10"
-for name in ${STAGES:-tiny compiled eager cast cast_fresh_kv train}; do
+for name in ${STAGES:-tiny compiled eager cast cast_gelu cast_fresh_kv train}; do
     case $name in
     tiny) stage tiny_cuda_fp32 30 120 preset=tiny device=cuda threads=0 ;;
     compiled) stage paper_compiled 120 300 preset=paper compile=true compile_mode=reduce-overhead \
         decoder_channels_last=true decoder_fuse_norms=true train=false $REPEATS ;;
     eager) stage paper_eager 90 240 preset=paper ablate=true ablate_compile=false $REPEATS ;;
     cast) stage paper_cast 120 300 $CAST profile=true $REPEATS ;;
+    cast_gelu) stage paper_cast_gelu 120 300 $CAST gelu_epilogue=true $REPEATS ;;
     cast_fresh_kv) stage paper_cast_fresh_kv 120 300 $CAST static_text_kv=false $REPEATS ;;
     train) stage paper_train_compiled 90 240 preset=paper train_compile=true flops=false latency_warmup=0 \
         latency_repeats=1 throughput_warmup=0 throughput_repeats=1 phase_repeats=1 ;;
-    *) echo "unknown stage $name (tiny, compiled, eager, cast, cast_fresh_kv, train)" ;;
+    *) echo "unknown stage $name (tiny, compiled, eager, cast, cast_gelu, cast_fresh_kv, train)" ;;
     esac
 done
 nvidia-smi --query-gpu=clocks.sm,clocks.max.sm,temperature.gpu,power.draw --format=csv

@@ -3,6 +3,7 @@ an independent FlopCounterMode count, the phase pieces reproduce the whole call,
 No assertion depends on how fast this machine is (only loose consistency between two timings of the same work)."""
 
 import contextlib
+import dataclasses
 import json
 import runpy
 import sys
@@ -110,7 +111,9 @@ def test_ablation_entries(result):
     ab = result["ablation"]
     assert ab["batch"] == 4 and ab["baseline_s"] > 0
     assert set(ab["variants"]) == {"logits_at_masked_only", "batched_cfg", "text_kv_once", "compile",
-                                   "decoder_channels_last", "decoder_fused_norms"}
+                                   "gelu_epilogue", "decoder_channels_last", "decoder_fused_norms"}
+    assert ab["variants"].pop("gelu_epilogue") == {"skipped": "no GELU epilogue on cpu (only ['cuda'])"}
+    assert result["gelu_epilogue"] is False
     for name, v in ab["variants"].items():
         assert v["off_s"] > 0 and v["on_s"] > 0 and v["speedup"] > 0, name
     # switching an optimisation off must not change what is sampled (K/V recomputation and eager-backend
@@ -164,6 +167,43 @@ def test_transformer_variants_sample_the_same_codes(tiny):
     assert torch.equal(transformer_phase(pipe, states, mask, s, "forward", pipe.generator), base)
     with pytest.raises(ValueError, match="unknown variant"):
         transformer_phase(pipe, states, mask, s, "nope")
+
+
+@pytest.mark.parametrize("setting", [False, True])
+def test_gelu_epilogue_variant_flips_the_run_setting(tiny, monkeypatch, setting):
+    """The ablation times the transformer phase with the epilogue flipped from ``gelu_epilogue`` and restores it
+    (run here with the CPU let in; its fused kernel's exact GELU stands in for CUDA's tanh GELU)."""
+    from dcar.benchmark import run
+    from dcar.models.generator import transformer as tr
+
+    cfg, pipe = tiny
+    cfg = dataclasses.replace(cfg, gelu_epilogue=setting)
+    for module in (run, tr):
+        monkeypatch.setattr(module, "TANH_EPILOGUE_DEVICES", frozenset({"cpu", "cuda"}))
+    fused, real = [], torch._addmm_activation
+    monkeypatch.setattr(torch, "_addmm_activation", lambda *a, **k: fused.append(1) or real(*a, **k))
+    s = Sampling(num_steps=3, guidance_scale=2.0, seed=0)
+    states, mask = pipe.encode_prompts(prompt_list(cfg, 2))
+    uses: list[tuple[bool, int]] = []
+
+    def measure(variant):
+        before = len(fused)
+        codes = transformer_phase(pipe, states, mask, s, variant)
+        uses.append((pipe.generator.gelu_epilogue, len(fused) - before))
+        return {"median": 1.0 + pipe.generator.gelu_epilogue}, codes
+
+    pipe.generator.set_gelu_epilogue(setting)
+    try:
+        base, base_codes = measure("baseline")
+        v = run._epilogue_variant(pipe, cfg, measure, base, base_codes)
+        assert pipe.generator.gelu_epilogue is setting  # restored
+    finally:
+        pipe.generator.set_gelu_epilogue(False)
+    layers = pipe.generator.config.num_layers
+    assert uses == [(setting, 3 * layers * setting), (not setting, 3 * layers * (not setting))]
+    assert (v["off_s"], v["on_s"], v["speedup"]) == (1.0, 2.0, 0.5)
+    assert v["off_timing"] == {"median": 1.0} and v["timing"] == {"median": 2.0}
+    assert 0.5 <= v["codes_agreement"] <= 1 and v["same_codes"] == (v["codes_agreement"] == 1)
 
 
 def test_compile_options_reach_torch_compile(tmp_path, monkeypatch):

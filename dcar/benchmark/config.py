@@ -81,6 +81,9 @@ class BenchmarkConfig:
     compile_text: bool = False  # with compile=true: also compile the text encoder's transformer
     # with a CUDA-graph compile_mode: each call's cross-attention K/V go into fixed buffers (DCARPipeline.text_kv)
     static_text_kv: bool = True
+    # sampling on CUDA: the MLP's bias + tanh GELU in the fc1 GEMM's cuBLASLt epilogue (DCAR.set_gelu_epilogue;
+    # no effect on a CPU, whose fused kernel computes the exact GELU instead)
+    gelu_epilogue: bool = False
     decoder_channels_last: bool = False  # DCARPipeline.set_decoder_path(channels_last=...)
     decoder_fuse_norms: bool = False  # DCARPipeline.set_decoder_path(fuse_norms=...)
     seed: int = 0

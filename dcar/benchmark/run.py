@@ -18,7 +18,8 @@ Precision: ``precision=autocast`` (default) keeps fp32 weights and runs every ca
 ``torch.autocast(device, dtype)`` (matmuls and convolutions in bf16/fp16, as HART samples); ``precision=cast``
 casts the tokenizer and generator with ``pipe.to(dtype=...)``. float32 uses neither. ``compile=true`` runs
 ``pipe.compile(mode=compile_mode, backend=compile_backend, decoder=compile_decoder)`` before the latency runs;
-``decoder_channels_last`` / ``decoder_fuse_norms`` set the pipeline's decoder path for every call.
+``decoder_channels_last`` / ``decoder_fuse_norms`` set the pipeline's decoder path for every call,
+``gelu_epilogue`` the generator's MLP (``DCAR.set_gelu_epilogue``, CUDA only).
 """
 
 from __future__ import annotations
@@ -36,6 +37,7 @@ from typing import Any
 import torch
 
 from dcar.config.loader import ConfigError, to_container
+from dcar.models.generator.transformer import TANH_EPILOGUE_DEVICES
 from dcar.utils.atomic import atomic_write_json
 
 from .config import BenchmarkConfig, base_prompts, model_configs, output_path, prompt_list
@@ -109,6 +111,7 @@ def build_pipeline(cfg: BenchmarkConfig, device: torch.device, workdir: str | os
         generator = DCAR(gen_cfg).eval()
     pipe = DCARPipeline(tokenizer, generator, text_encoder)
     pipe.set_decoder_path(channels_last=cfg.decoder_channels_last, fuse_norms=cfg.decoder_fuse_norms)
+    generator.set_gelu_epilogue(cfg.gelu_epilogue)
     cast = cfg.precision == "cast"
     text_dtype = torch.bfloat16 if cast and cfg.cast_text_encoder and cfg.dtype == "bfloat16" else None
     return pipe.to(device, DTYPES[cfg.dtype] if cast else None, text_dtype=text_dtype)
@@ -188,8 +191,30 @@ def _ablation(pipe, cfg: BenchmarkConfig, s: Sampling, device, amp) -> dict[str,
                 "timing": t_on, "backend": cfg.compile_backend, "mode": cfg.compile_mode}
     else:
         out["variants"]["compile"] = {"skipped": "ablate_compile=false"}
+    out["variants"]["gelu_epilogue"] = _epilogue_variant(pipe, cfg, measure, base, base_codes)
     out["variants"].update(_decoder_ablation(pipe, cfg, base_codes, device, amp))
     return out
+
+
+def _epilogue_variant(pipe, cfg: BenchmarkConfig, measure: Callable, base: dict[str, Any],
+                      base_codes: torch.Tensor) -> dict[str, Any]:
+    """The transformer phase with ``DCAR.set_gelu_epilogue`` flipped from the run's setting (on a device where
+    it applies): off and on timings, and whether the codes stay the same (in bf16 they need not: the fused GELU
+    rounds once, the plain path after the GEMM and again after the GELU)."""
+    model = pipe.generator
+    if pipe.device.type not in TANH_EPILOGUE_DEVICES:
+        return {"skipped": f"no GELU epilogue on {pipe.device.type} (only {sorted(TANH_EPILOGUE_DEVICES)})"}
+    model.set_gelu_epilogue(not cfg.gelu_epilogue)
+    try:
+        flipped, flipped_codes = measure("baseline")
+    finally:
+        model.set_gelu_epilogue(cfg.gelu_epilogue)
+    off, on = (flipped, base) if cfg.gelu_epilogue else (base, flipped)
+    return {"optimisation": "MLP bias + tanh GELU in the fc1 GEMM's cuBLASLt epilogue", "off_s": off["median"],
+            "on_s": on["median"], "speedup": off["median"] / on["median"],
+            "same_codes": bool(torch.equal(flipped_codes, base_codes)),
+            "codes_agreement": float((flipped_codes == base_codes).float().mean()), "timing": on,
+            "off_timing": off}
 
 
 DECODER_VARIANTS = (
@@ -244,6 +269,7 @@ def _environment(cfg: BenchmarkConfig, device: torch.device) -> dict[str, Any]:
             "cudnn_allow_tf32": bool(torch.backends.cudnn.allow_tf32), "malloc_keep": cfg.malloc_keep,
             "compile": cfg.compile, "compile_mode": cfg.compile_mode if cfg.compile else None,
             "decoder_path": {"channels_last": cfg.decoder_channels_last, "fuse_norms": cfg.decoder_fuse_norms},
+            "gelu_epilogue": cfg.gelu_epilogue and device.type in TANH_EPILOGUE_DEVICES,
             "load_average_start": list(os.getloadavg()),
             "config": to_container(cfg)}
 

@@ -98,6 +98,19 @@ class DCAR(nn.Module, HubMixin):
         total = sum(p.numel() for p in self.parameters())
         return {"transformer": total - head, "head": head, "all": total}[part]
 
+    def set_gelu_epilogue(self, enabled: bool = True) -> DCAR:
+        """Every block's MLP with (``enabled``) or without cuBLASLt's GELU epilogue when sampling on CUDA
+        (:class:`~dcar.models.generator.transformer.DCARBlock`; training and CPU use the plain GELU either way).
+        A compiled forward recompiles for the new setting."""
+        for block in self.blocks:
+            block.gelu_epilogue = bool(enabled)
+        return self
+
+    @property
+    def gelu_epilogue(self) -> bool:
+        """Whether :meth:`set_gelu_epilogue` is on (for every block)."""
+        return all(block.gelu_epilogue for block in self.blocks)
+
     def pos_embed(self, h: int, w: int, device: torch.device | None = None) -> Tensor:
         """The (h*w, width) sin-cos position embedding of an h x w token grid (PixArt base-size interpolation)."""
         c = self.config

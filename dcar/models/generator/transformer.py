@@ -7,6 +7,12 @@ a fused QKV projection for self-attention, un-normed and un-gated cross-attentio
 Linear(C, 2C), zero-initialised output projection) and a GELU-tanh MLP. All attention goes through
 ``scaled_dot_product_attention``; the text mask is a key-padding mask. The 2-D sin-cos position embedding uses
 PixArt's base-size interpolation and is recomputed for the actual (h, w) on every forward.
+
+``DCARBlock.gelu_epilogue`` (off by default; ``DCAR.set_gelu_epilogue``) computes the MLP's ``gelu_tanh(fc1(x))``
+in one ``torch._addmm_activation`` call when it applies: on CUDA (:data:`TANH_EPILOGUE_DEVICES`) and without
+autograd (sampling). There cuBLASLt applies bias and GELU in the GEMM's epilogue, so the (tokens, 4C) activation
+is not read and written again by a separate GELU kernel (torch.compile's inductor keeps the op as an extern call;
+it splits a plain ``addmm`` + GELU into a GEMM and a pointwise kernel instead).
 """
 
 from __future__ import annotations
@@ -19,8 +25,14 @@ import torch.nn.functional as F
 from torch import Tensor, nn
 
 __all__ = [
-    "CaptionProjection", "CrossAttention", "DCARBlock", "SelfAttention", "TextKV", "sincos_1d", "sincos_pos_embed_2d",
+    "TANH_EPILOGUE_DEVICES", "CaptionProjection", "CrossAttention", "DCARBlock", "SelfAttention", "TextKV",
+    "linear_gelu_epilogue", "sincos_1d", "sincos_pos_embed_2d",
 ]
+
+# Device types on which ``torch._addmm_activation(..., use_gelu=True)`` applies the tanh GELU of PixArt's MLP (CUDA:
+# cuBLASLt's GELU_BIAS epilogue, or addmm + gelu(approximate="tanh") where cuBLASLt does not apply; see torch's
+# ``_addmm_activation`` decomposition). The CPU kernel applies the exact (erf) GELU: a different function there.
+TANH_EPILOGUE_DEVICES = frozenset({"cuda"})
 
 
 def sincos_pos_embed_2d(
@@ -61,6 +73,17 @@ def _merge(x: Tensor) -> Tensor:
     """(B, H, N, D) -> (B, N, H*D)."""
     b, h, n, d = x.shape
     return x.transpose(1, 2).reshape(b, n, h * d)
+
+
+def linear_gelu_epilogue(x: Tensor, fc: nn.Linear) -> Tensor:
+    """``gelu(fc(x))`` for x (..., in) in one ``torch._addmm_activation`` call (tanh GELU on CUDA, erf on CPU: see
+    :data:`TANH_EPILOGUE_DEVICES`). The op has no autograd formula (inference only) and no CUDA autocast kernel, so
+    under autocast the inputs are cast to the autocast dtype here, as autocast casts ``fc``'s."""
+    device = x.device.type
+    dtype = torch.get_autocast_dtype(device) if torch.is_autocast_enabled(device) else x.dtype
+    flat = x.reshape(-1, x.shape[-1]).to(dtype)
+    out = torch._addmm_activation(fc.bias.to(dtype), flat, fc.weight.to(dtype).t(), use_gelu=True)
+    return out.view(*x.shape[:-1], out.shape[-1])
 
 
 class CaptionProjection(nn.Module):
@@ -152,7 +175,12 @@ class CrossAttention(nn.Module):
 
 
 class DCARBlock(nn.Module):
-    """``x += SA(LN(x)); x += CA(x, text); x += MLP(LN(x))`` (PixArtBlock without adaLN-single)."""
+    """``x += SA(LN(x)); x += CA(x, text); x += MLP(LN(x))`` (PixArtBlock without adaLN-single).
+
+    ``gelu_epilogue`` (default False): the MLP's first Linear and GELU in one :func:`linear_gelu_epilogue` call
+    where that computes the same function (a device in :data:`TANH_EPILOGUE_DEVICES`) and autograd is off; else
+    (training, CPU) the plain ``F.gelu(fc1(x), approximate="tanh")``.
+    """
 
     def __init__(self, width: int, num_heads: int, mlp_ratio: float = 4.0) -> None:
         super().__init__()
@@ -163,8 +191,16 @@ class DCARBlock(nn.Module):
         self.norm2 = nn.LayerNorm(width, elementwise_affine=False, eps=1e-6)
         self.fc1 = nn.Linear(width, hidden)
         self.fc2 = nn.Linear(hidden, width)
+        self.gelu_epilogue = False
+
+    def mlp(self, x: Tensor) -> Tensor:
+        """``fc2(gelu_tanh(fc1(LN(x))))``."""
+        h = self.norm2(x)
+        if self.gelu_epilogue and x.device.type in TANH_EPILOGUE_DEVICES and not torch.is_grad_enabled():
+            return self.fc2(linear_gelu_epilogue(h, self.fc1))
+        return self.fc2(F.gelu(self.fc1(h), approximate="tanh"))
 
     def forward(self, x: Tensor, k: Tensor, v: Tensor, attn_mask: Tensor | None, has_keys: Tensor) -> Tensor:
         x = x + self.attn(self.norm1(x))
         x = x + self.cross_attn(x, k, v, attn_mask, has_keys)
-        return x + self.fc2(F.gelu(self.fc1(self.norm2(x)), approximate="tanh"))
+        return x + self.mlp(x)
