@@ -25,6 +25,7 @@ released; HART samples with 4.5 in its own form, which is 5.5 here. A pipeline f
 
 from __future__ import annotations
 
+import contextlib
 import json
 import os
 from collections.abc import Callable, Sequence
@@ -89,18 +90,20 @@ class DCARPipeline:
         self._decoder_cache: tuple[Any, Callable[[Tensor], Tensor]] | None = None  # (weights key, module)
         self._static_text_kv = False  # compile(): copy each generation's K/V into fixed buffers (CUDA graphs)
         self._text_kv_buffers: dict[tuple, TextKV] = {}  # one set per shape / dtype / device (text_kv)
+        self._autocast_dtype: torch.dtype | None = None  # set_autocast()
 
     def __repr__(self) -> str:
         g, t, text = self.generator.config, self.tokenizer.config, self.text_encoder.config
         head = (f"head {g.head.width} x {g.head.depth} ({self.generator.num_parameters('head') / 1e6:.1f}M)"
                 if self.generator.head is not None else "no head (discrete only)")
         grid = g.image_size // g.downsample
+        amp = "" if self._autocast_dtype is None else f", autocast {str(self._autocast_dtype).removeprefix('torch.')}"
         return (f"DCARPipeline(generator: {g.num_layers} x {g.width}, {g.num_heads} heads "
                 f"({self.generator.num_parameters('transformer') / 1e6:.1f}M), {head}; "
                 f"tokenizer: DC-HT f{t.spatial_compression}c{t.latent_channels}, {t.quantizer.codebook_size} codes "
                 f"({self.tokenizer.num_parameters() / 1e6:.1f}M); text: {text.kind} {text.name_or_path!r}, "
                 f"{text.max_length} tokens; {g.image_size} px = {grid}x{grid} tokens; {self.device}, "
-                f"{str(self.dtype).removeprefix('torch.')})")
+                f"{str(self.dtype).removeprefix('torch.')}{amp})")
 
     # ---- devices and files -------------------------------------------------------------------------------------
 
@@ -124,6 +127,21 @@ class DCARPipeline:
         self._decoder_cache = None  # an inference decoder copy is rebuilt from the moved weights
         self._text_kv_buffers = {}
         return self
+
+    def set_autocast(self, dtype: torch.dtype | None) -> DCARPipeline:
+        """Run :meth:`generate_tokens`, :meth:`refine_residuals` and :meth:`decode` (so every ``pipe(...)`` call)
+        under ``torch.autocast(device, dtype)``: bf16 / fp16 matmuls and convolutions over the weights as they are
+        (HART samples in fp16 this way); None or float32: off (the default)."""
+        if dtype not in (None, torch.float32, torch.bfloat16, torch.float16):
+            raise ValueError(f"autocast dtype must be bfloat16, float16, float32 or None, got {dtype}")
+        self._autocast_dtype = None if dtype == torch.float32 else dtype
+        return self
+
+    def autocast(self) -> contextlib.AbstractContextManager:
+        """The :meth:`set_autocast` context on the pipeline's device (a no-op when off)."""
+        if self._autocast_dtype is None:
+            return contextlib.nullcontext()
+        return torch.autocast(self.device.type, dtype=self._autocast_dtype)
 
     def save_pretrained(self, save_directory: str | os.PathLike) -> Path:
         """Write ``tokenizer/``, ``generator/``, ``text_encoder/`` and ``pipeline.json`` into ``save_directory``."""
@@ -151,11 +169,15 @@ class DCARPipeline:
     # ---- pieces ------------------------------------------------------------------------------------------------
 
     def encode_prompts(self, prompts: str | Sequence[str]) -> tuple[Tensor, Tensor]:
-        """Text states (B, L, D) in the generator's dtype and the bool mask (B, L), on the generator's device."""
+        """Text states (B, L, D) in the generator's dtype and the bool mask (B, L), on the generator's device.
+        Under a float16 :meth:`set_autocast` the text encoder runs without it (T5's activations overflow fp16)."""
         prompts = [prompts] if isinstance(prompts, str) else list(prompts)
         if not prompts:
             raise ValueError("no prompts given")
-        states, mask = self.text_encoder.encode(prompts)
+        dev = self.device.type
+        fp16 = torch.is_autocast_enabled(dev) and torch.get_autocast_dtype(dev) == torch.float16
+        with torch.autocast(dev, enabled=False) if fp16 else contextlib.nullcontext():
+            states, mask = self.text_encoder.encode(prompts)
         return states.to(self.device, self.dtype), mask.to(self.device)
 
     def grid_size(self, height: int | None = None, width: int | None = None) -> tuple[int, int]:
@@ -240,7 +262,7 @@ class DCARPipeline:
         use_cfg = guidance_scale != 1.0 or head_cfg
         masked_mode = need_head and model.head.config.loss_tokens == "masked"
         gen = self.make_generator(seed, generator)
-        with eval_mode(model):
+        with eval_mode(model), self.autocast():
             states, mask = self.encode_prompts(prompts)
             kv = self.text_kv(states, mask, use_cfg)
             out = maskgit_decode(
@@ -294,7 +316,7 @@ class DCARPipeline:
         codes = codes.to(self.device).long()
         use_cfg = head_guidance_scale != 1.0
         gen = self.make_generator(seed, generator)
-        with eval_mode(model):
+        with eval_mode(model), self.autocast():
             states, mask = self.encode_prompts(prompts)
             kv = self.text_kv(states, mask, use_cfg)
             if context == "full":
@@ -386,7 +408,7 @@ class DCARPipeline:
     def decode(self, codes: Tensor, residual: Tensor | None = None) -> Tensor:
         """DC-HT decoding of ``codebook[codes] (+ residual)`` to images (B, 3, H, W) clamped to [-1, 1]
         (through the :meth:`set_decoder_path` options)."""
-        with eval_mode(self.tokenizer):
+        with eval_mode(self.tokenizer), self.autocast():
             tok_dtype = next(self.tokenizer.parameters()).dtype
             residual = None if residual is None else residual.to(tok_dtype)
             images = self.tokenizer.decode_indices(codes, residual, self._decoder())

@@ -23,16 +23,18 @@ GenEval's rules (:mod:`dcar.eval.geneval`), rows in ``<out>/results_dcar.jsonl``
 images already in ``out`` without generating.
 """
 
-from __future__ import annotations
+# no ``from __future__ import annotations``: the nested config sections' types must resolve when the script
+# runs through runpy (tests, notebooks)
 
 from collections.abc import Sequence
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
 from dcar.cli import run_cli
 from dcar.config import ConfigError, load_config
 from dcar.config.schema import choice
+from dcar.inference import InferenceConfig, configure_pipeline, inference_settings
 
 
 @dataclass
@@ -62,6 +64,7 @@ class GenEvalConfig:
     position_threshold: float = 0.1
     device: str = "auto"  # auto (the process's GPU under accelerate, else CPU), cpu or e.g. cuda:0
     progress: bool = True
+    inference: InferenceConfig = field(default_factory=InferenceConfig)  # precision, compile, fast paths
 
 
 def main(argv: Sequence[str]) -> dict[str, Any]:
@@ -95,7 +98,7 @@ def main(argv: Sequence[str]) -> dict[str, Any]:
     if cfg.pipeline:
         from dcar.pipeline import DEFAULT_GUIDANCE_SCALE, DCARPipeline
 
-        pipe = DCARPipeline.from_pretrained(cfg.pipeline, device=ctx.device)
+        pipe = configure_pipeline(DCARPipeline.from_pretrained(cfg.pipeline, device=ctx.device), cfg.inference)
         kwargs["guidance_scale"] = DEFAULT_GUIDANCE_SCALE if cfg.guidance_scale is None else cfg.guidance_scale
     rules = GenEvalRules(threshold=cfg.threshold, counting_threshold=cfg.counting_threshold,
                          max_objects=cfg.max_objects, max_overlap=cfg.max_overlap,
@@ -103,7 +106,7 @@ def main(argv: Sequence[str]) -> dict[str, Any]:
     result = run_geneval(pipe, cfg.metadata, cfg.out, n_per_prompt=cfg.n_per_prompt, seed=cfg.seed,
                          pipe_kwargs=kwargs, detector=detector, color_classifier=colors, rules=rules,
                          backend=cfg.detector, pipeline_path=cfg.pipeline, grid=cfg.grid, ctx=ctx,
-                         progress=cfg.progress)
+                         inference=inference_settings(cfg.inference), progress=cfg.progress)
     if ctx.is_main:
         if result["scores"] is None:
             print(result["message"])

@@ -19,6 +19,7 @@ from pathlib import Path
 
 from dcar.cli import run_cli
 from dcar.config import ConfigError, choice, load_config
+from dcar.inference import InferenceConfig, configure_pipeline, inference_settings
 
 
 @dataclass
@@ -53,6 +54,7 @@ class MJHQEvalConfig:
     num_workers: int = 4
     device: str = "auto"
     progress: bool = True
+    inference: InferenceConfig = field(default_factory=InferenceConfig)  # precision, compile, fast paths
 
 
 def main(argv: Sequence[str]) -> dict:
@@ -102,13 +104,14 @@ def main(argv: Sequence[str]) -> dict:
     # generation (resumable: existing PNGs are kept), then features / CLIP scores per chunk
     sampling = {"num_steps": cfg.num_steps, "guidance_scale": cfg.guidance_scale, "seed": cfg.seed,
                 "batch_size": cfg.batch_size, "resolution": resolution}
-    R.prepare_work_dir(ctx, out, {"pipeline": R.fingerprint(cfg.pipeline), **sampling})
+    inference = R.inference_record(inference_settings(cfg.inference))
+    R.prepare_work_dir(ctx, out, {"pipeline": R.fingerprint(cfg.pipeline), **sampling, **inference})
     samples = out / "samples"
 
     def load_pipeline():
         from dcar.pipeline import DCARPipeline
 
-        return DCARPipeline.from_pretrained(cfg.pipeline, device=ctx.device)
+        return configure_pipeline(DCARPipeline.from_pretrained(cfg.pipeline, device=ctx.device), cfg.inference)
 
     written = Q.generate_missing(load_pipeline, items, len(prompts), samples, ctx, progress=cfg.progress, **sampling)
     clip_key = f"clip_{R.fingerprint(cfg.clip_model)[:8]}" if clip else "clip"
@@ -129,7 +132,7 @@ def main(argv: Sequence[str]) -> dict:
     result = {
         "protocol": Q.PROTOCOL, "protocol_source": Q.PROTOCOL_SOURCE,
         "pipeline": str(cfg.pipeline), "pipeline_fingerprint": R.fingerprint(cfg.pipeline),
-        "resolution": resolution, "sampling": sampling,
+        "resolution": resolution, "sampling": sampling, **inference,
         "num_samples": len(prompts), "num_reference": reference["all"].n,
         "full_protocol": len(prompts) == Q.MJHQ_NUM_PROMPTS and reference["all"].n == Q.MJHQ_NUM_PROMPTS,
         **summary,

@@ -15,17 +15,19 @@ count, relation; full-caption rate; per family), ``per_image.jsonl`` and ``failu
 and writes the report to ``<out>/scorer_validation.json``. See :mod:`dcar.eval.shapes_eval`.
 """
 
-from __future__ import annotations
+# no ``from __future__ import annotations``: the nested config sections' types must resolve when the script
+# runs through runpy (tests, notebooks)
 
 import json
 from collections.abc import Sequence
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
 from dcar.cli import run_cli
 from dcar.config import ConfigError, load_config
 from dcar.config.schema import choice
+from dcar.inference import InferenceConfig, configure_pipeline, inference_settings
 
 
 @dataclass
@@ -55,6 +57,7 @@ class ShapesEvalConfig:
     validate_images: int = 500
     device: str = "auto"  # auto (the process's GPU under accelerate, else CPU), cpu or e.g. cuda:0
     progress: bool = True
+    inference: InferenceConfig = field(default_factory=InferenceConfig)  # precision, compile, fast paths
 
 
 def main(argv: Sequence[str]) -> dict[str, Any]:
@@ -93,12 +96,13 @@ def main(argv: Sequence[str]) -> dict[str, Any]:
     if cfg.pipeline:
         from dcar.pipeline import DCARPipeline
 
-        pipe = DCARPipeline.from_pretrained(cfg.pipeline, device=ctx.device)
+        pipe = configure_pipeline(DCARPipeline.from_pretrained(cfg.pipeline, device=ctx.device), cfg.inference)
     return evaluate_shapes(pipe, captions, cfg.out, n_per_caption=cfg.n_per_caption, seed=cfg.seed,
                            batch_size=cfg.batch_size, num_steps=cfg.num_steps, guidance_scale=cfg.guidance_scale,
                            use_head=cfg.use_head, pipe_kwargs={"cfg_schedule": cfg.cfg_schedule},
                            max_failures=cfg.max_failures, pipeline_path=cfg.pipeline,
-                           source=source, ctx=ctx, progress=cfg.progress)
+                           source=source, inference=inference_settings(cfg.inference), ctx=ctx,
+                           progress=cfg.progress)
 
 
 if __name__ == "__main__":

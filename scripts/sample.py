@@ -4,21 +4,26 @@
     python scripts/sample.py tokenizer=runs/tok/final generator=runs/gen/final \\
         text_encoder_config=configs/generator/shapes.yaml text_encoder_tokenizer=runs/gen/text_tokenizer \\
         prompts_file=prompts.txt n_per_prompt=4 guidance_scale=3 height=256 width=256
+    python scripts/sample.py pipeline=PATH prompts_file=prompts.txt inference.dtype=bfloat16 \
+        inference.compile=true inference.compile_mode=reduce-overhead   # GPU: bf16 autocast + CUDA graphs
 
+``inference.*``: precision, torch.compile and the fast paths (:class:`dcar.inference.InferenceConfig`).
 ``text_encoder_config`` is a YAML file with a ``text_encoder:`` section or a saved text-encoder folder. Batch ``i``
 (``batch_size`` images) is sampled with seed ``seed + i``. The grid shows at most the first 64 images.
 """
 
-from __future__ import annotations
+# no ``from __future__ import annotations``: the nested config sections' types must resolve when the script
+# runs through runpy (tests, notebooks)
 
 import json
 from collections.abc import Sequence
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from pathlib import Path
 
 from dcar.cli import run_cli
 from dcar.config import ConfigError, load_config
 from dcar.config.schema import choice
+from dcar.inference import InferenceConfig, configure_pipeline
 
 
 @dataclass
@@ -51,6 +56,7 @@ class SampleConfig:
     batch_size: int = 16
     device: str = "auto"
     nrow: int = 0  # grid columns; 0: n_per_prompt (or square)
+    inference: InferenceConfig = field(default_factory=InferenceConfig)
 
 
 def read_prompts(cfg: SampleConfig) -> list[str]:
@@ -104,7 +110,7 @@ def main(argv: Sequence[str]) -> Path:
     if cfg.n_per_prompt < 1 or cfg.batch_size < 1:
         raise ConfigError("n_per_prompt and batch_size must be >= 1")
     device = ("cuda" if torch.cuda.is_available() else "cpu") if cfg.device == "auto" else cfg.device
-    pipe = build_pipeline(cfg).to(device)
+    pipe = configure_pipeline(build_pipeline(cfg).to(device), cfg.inference)
     jobs = [(i, k, p) for i, p in enumerate(prompts) for k in range(cfg.n_per_prompt)]
     out = Path(cfg.out)
     (out / "images").mkdir(parents=True, exist_ok=True)

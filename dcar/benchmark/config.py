@@ -11,13 +11,14 @@ their ``model:`` sections and are checked against :class:`DCHTConfig` / :class:`
 from __future__ import annotations
 
 from collections.abc import Sequence
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, fields
 from pathlib import Path
 from typing import Any
 
 from dcar.cli import configs_dir
 from dcar.config.loader import ConfigError, Preset, check_keys, load_config, schema_paths
 from dcar.config.schema import choice
+from dcar.inference import COMPILE_MODES, DTYPES, InferenceConfig
 
 __all__ = ["DEFAULT_PROMPTS", "BenchmarkConfig", "base_prompts", "benchmark_preset", "load_benchmark_config",
            "model_configs", "output_path", "prompt_list"]
@@ -60,7 +61,7 @@ class BenchmarkConfig:
     prompts: str = ""  # "a|b|c" (default: the built-in list)
     # ---- device and precision ----------------------------------------------------------------------------------
     device: str = "auto"  # auto = cuda if available, else cpu
-    dtype: str = choice("bfloat16", "float32", "bfloat16", "float16")
+    dtype: str = choice("bfloat16", *DTYPES)
     # autocast: fp32 weights, matmuls in dtype (torch.autocast; HART's fp16 sampling); cast: pipe.to(dtype=dtype)
     # casts tokenizer + generator (the text encoder stays float32)
     precision: str = choice("autocast", "autocast", "cast")
@@ -75,7 +76,7 @@ class BenchmarkConfig:
     compile: bool = False  # torch.compile the generator's forward (DCARPipeline.compile, dynamic=False)
     compile_backend: str = "inductor"
     # torch.compile mode; reduce-overhead = CUDA graphs on a GPU (static shapes: fixed batch and grid)
-    compile_mode: str = choice("default", "default", "reduce-overhead", "max-autotune", "max-autotune-no-cudagraphs")
+    compile_mode: str = choice("default", *COMPILE_MODES)
     compile_decoder: bool = False  # with compile=true: also compile the DC-HT decoder
     compile_head: bool = True  # with compile=true: also compile the diffusion head's denoising network
     compile_text: bool = False  # with compile=true: also compile the text encoder's transformer
@@ -119,6 +120,12 @@ class BenchmarkConfig:
     ablate_repeats: int = 5
     ablate_compile: bool = True  # include torch.compile on/off in the ablation
     out: str = ""  # JSON path (default runs/benchmark/[<preset>_]<device>_<dtype>.json)
+
+
+    def inference(self) -> InferenceConfig:
+        """The precision / compile / fast-path keys as the :class:`InferenceConfig` the pipeline is set up with
+        (the same keys, at the top level here)."""
+        return InferenceConfig(**{f.name: getattr(self, f.name) for f in fields(InferenceConfig)})
 
 
 def benchmark_preset() -> Preset:

@@ -37,6 +37,7 @@ from typing import Any
 import torch
 
 from dcar.config.loader import ConfigError, to_container
+from dcar.inference import DTYPES, compile_pipeline, configure_pipeline
 from dcar.models.generator.transformer import TANH_EPILOGUE_DEVICES
 from dcar.utils.atomic import atomic_write_json
 
@@ -56,7 +57,6 @@ from .timing import (
 
 __all__ = ["DECODE_TOLERANCE", "DTYPES", "build_pipeline", "count_flops", "resolve_device", "run_benchmark"]
 
-DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}
 # max abs image difference (images in [-1, 1]) under which a decoder option counts as keeping the images the same
 DECODE_TOLERANCE = {"float32": 1e-5, "bfloat16": 5e-2, "float16": 5e-2}
 
@@ -69,14 +69,6 @@ def resolve_device(name: str) -> torch.device:
     if device.type == "cuda" and not torch.cuda.is_available():
         raise ConfigError(f"device={name!r} but CUDA is not available")
     return device
-
-
-def amp_factory(device: torch.device, cfg: BenchmarkConfig) -> Callable[[], contextlib.AbstractContextManager]:
-    """A fresh precision context per call: autocast for bf16/fp16 with ``precision=autocast``, else nothing."""
-    dtype = DTYPES[cfg.dtype]
-    if dtype == torch.float32 or cfg.precision == "cast":
-        return contextlib.nullcontext
-    return lambda: torch.autocast(device.type, dtype=dtype)
 
 
 def build_pipeline(cfg: BenchmarkConfig, device: torch.device, workdir: str | os.PathLike):
@@ -109,12 +101,8 @@ def build_pipeline(cfg: BenchmarkConfig, device: torch.device, workdir: str | os
         torch.manual_seed(cfg.seed)
         tokenizer = DCHT(tok_cfg).eval()
         generator = DCAR(gen_cfg).eval()
-    pipe = DCARPipeline(tokenizer, generator, text_encoder)
-    pipe.set_decoder_path(channels_last=cfg.decoder_channels_last, fuse_norms=cfg.decoder_fuse_norms)
-    generator.set_gelu_epilogue(cfg.gelu_epilogue)
-    cast = cfg.precision == "cast"
-    text_dtype = torch.bfloat16 if cast and cfg.cast_text_encoder and cfg.dtype == "bfloat16" else None
-    return pipe.to(device, DTYPES[cfg.dtype] if cast else None, text_dtype=text_dtype)
+    pipe = DCARPipeline(tokenizer, generator, text_encoder).to(device)
+    return configure_pipeline(pipe, cfg.inference(), compile=False)  # compiled after the FLOP count
 
 
 def count_flops(pipe, prompts: list[str], s: Sampling, amp: Callable) -> dict[str, Any]:
@@ -303,13 +291,13 @@ def _run(cfg: BenchmarkConfig, device: torch.device, log: Callable[[str], None])
     if cfg.malloc_keep and device.type == "cpu" and not keep_freed_memory():
         log("malloc_keep: glibc mallopt is unavailable here; using the default allocator")
     dtype = DTYPES[cfg.dtype]
-    amp = amp_factory(device, cfg)
     s = Sampling(cfg.num_steps, cfg.guidance_scale, cfg.seed)
     result: dict[str, Any] = _environment(cfg, device)
     started = time.perf_counter()
     with tempfile.TemporaryDirectory(prefix="dcar_bench_") as workdir:
         log("building the pipeline (random weights)")
         pipe = build_pipeline(cfg, device, workdir)
+    amp = pipe.autocast  # precision=autocast: every timed piece under the pipeline's autocast
     gen = pipe.generator
     result["models"] = {
         "generator_parameters": gen.num_parameters("transformer"), "head_parameters": gen.num_parameters("head"),
@@ -334,13 +322,11 @@ def _run(cfg: BenchmarkConfig, device: torch.device, log: Callable[[str], None])
 
     def whole(prompts: list[str]) -> Callable[[], Any]:
         def call() -> Any:
-            with amp():
-                return pipe(prompts, s.num_steps, s.guidance_scale, seed=s.seed)
+            return pipe(prompts, s.num_steps, s.guidance_scale, seed=s.seed)
         return call
 
     if cfg.compile:
-        pipe.compile(mode=cfg.compile_mode, backend=cfg.compile_backend, decoder=cfg.compile_decoder,
-                     head=cfg.compile_head, text=cfg.compile_text, static_text_kv=cfg.static_text_kv)
+        compile_pipeline(pipe, cfg.inference())
         start = time.perf_counter()
         whole(p1)()
         sync(device)

@@ -130,11 +130,13 @@ def run_geneval(pipe: Callable[..., Any] | None, metadata_path: str | os.PathLik
                 n_per_prompt: int = 4, seed: int = 42, pipe_kwargs: Mapping[str, Any] | None = None,
                 detector: Detector | None = None, color_classifier: ColorClassifier | None = None,
                 rules: GenEvalRules = GenEvalRules(), backend: str = "", pipeline_path: str = "", grid: bool = True,
-                ctx: R.DistContext | None = None, progress: bool = True) -> dict[str, Any]:
+                inference: Mapping[str, Any] | None = None, ctx: R.DistContext | None = None,
+                progress: bool = True) -> dict[str, Any]:
     """Generate ``n_per_prompt`` images per prompt in GenEval's layout (every prompt reseeded with ``seed``, as
     GenEval's reference generator; existing PNGs reused), score them if a ``detector`` is given, and write
     ``<out>/geneval_results.json`` (see the schema in the report / script docstring). Returns that dict.
-    A folder laid out for other prompts raises the same :class:`ConfigError` on every process."""
+    A folder laid out for other prompts raises the same :class:`ConfigError` on every process. ``inference``: how
+    the pipeline runs (:func:`dcar.inference.inference_settings`), recorded with the images."""
     if ctx is None:
         ctx = R.dist_context()
     meta_path = Path(metadata_path)
@@ -154,7 +156,8 @@ def run_geneval(pipe: Callable[..., Any] | None, metadata_path: str | os.PathLik
     if pipe is not None:
         R.check_settings(ctx, out / "generation.json", {"pipeline": pipeline_path, "n_per_prompt": n_per_prompt,
                                                         "seed": seed, "sampler": kwargs,
-                                                        "metadata_sha256": metadata_sha256}, holds="images")
+                                                        "metadata_sha256": metadata_sha256,
+                                                        **R.inference_record(inference)}, holds="images")
     jobs = [GenJob((m["prompt"],) * n_per_prompt, tuple(sample_path(out, i, k) for k in range(n_per_prompt)), seed,
                    out / f"{i:05d}" / "grid.png" if grid else None) for i, m in enumerate(metadata)]
     counts = generate_missing(pipe, jobs, kwargs, ctx, desc="geneval sampling", progress=progress)
@@ -162,7 +165,8 @@ def run_geneval(pipe: Callable[..., Any] | None, metadata_path: str | os.PathLik
     env = R.environment()
     result: dict[str, Any] = {
         "protocol": "geneval", "dcar_version": env["dcar"], "pipeline": pipeline_path,
-        "pipeline_fingerprint": R.optional_fingerprint(pipeline_path), "metadata": str(meta_path),
+        "pipeline_fingerprint": R.optional_fingerprint(pipeline_path), **R.inference_record(inference),
+        "metadata": str(meta_path),
         "metadata_sha256": metadata_sha256, "image_dir": str(out), "num_prompts": len(metadata),
         "n_per_prompt": n_per_prompt, "num_images": len(metadata) * n_per_prompt, "seed": seed,
         "seeding": "every prompt's n_per_prompt images in one pipeline call with seed=seed (GenEval reseeds per prompt)",

@@ -70,6 +70,13 @@ def optional_fingerprint(path: str | os.PathLike | None) -> str | None:
     return fingerprint(path) if path and Path(path).exists() else None
 
 
+def inference_record(settings: Mapping[str, Any] | None) -> dict[str, Any]:
+    """``{"inference": settings}`` for the settings file and the result JSON of an evaluation whose pipeline runs
+    with non-default :class:`~dcar.inference.InferenceConfig` settings; ``{}`` for the defaults (so work folders
+    made before the setting existed still match)."""
+    return {"inference": dict(settings)} if settings else {}
+
+
 def sha256_file(path: str | os.PathLike) -> str:
     """Hex SHA-256 of a file's bytes (e.g. the exact prompt metadata an evaluation used)."""
     h = hashlib.sha256()

@@ -153,11 +153,13 @@ def evaluate_shapes(pipe: Callable[..., Any] | None, captions_or_scenes: Sequenc
                     out_dir: str | os.PathLike, *, n_per_caption: int = 1, seed: int = 0, batch_size: int = 16,
                     num_steps: int = 12, guidance_scale: float | None = None, use_head: bool = True,
                     pipe_kwargs: Mapping[str, Any] | None = None, max_failures: int = 64, pipeline_path: str = "",
-                    source: str = "given", ctx: R.DistContext | None = None, progress: bool = True) -> dict[str, Any]:
+                    source: str = "given", inference: Mapping[str, Any] | None = None,
+                    ctx: R.DistContext | None = None, progress: bool = True) -> dict[str, Any]:
     """Generate (or reuse) ``n_per_caption`` images per caption, score them, write the grid of failures and
     ``<out_dir>/shapes_eval.json``; returns that dict. ``guidance_scale=None``: the pipeline's default
     (recorded).
-    ``use_head=False`` samples discrete tokens only (hybrid-vs-discrete ablation). ``pipe=None``: score existing images."""
+    ``use_head=False`` samples discrete tokens only (hybrid-vs-discrete ablation). ``pipe=None``: score existing images.
+    ``inference``: how the pipeline runs (:func:`dcar.inference.inference_settings`), recorded with the images."""
     from dcar.train.logging import save_image_grid
 
     if n_per_caption < 1 or batch_size < 1:
@@ -175,7 +177,7 @@ def evaluate_shapes(pipe: Callable[..., Any] | None, captions_or_scenes: Sequenc
     if pipe is not None:
         R.check_settings(ctx, out / "generation.json", {
             "pipeline": pipeline_path, "n_per_caption": n_per_caption, "seed": seed, "batch_size": batch_size,
-            "sampler": kwargs, "captions": [s.caption for s in scenes]}, holds="images")
+            "sampler": kwargs, "captions": [s.caption for s in scenes], **R.inference_record(inference)}, holds="images")
     items = [(i, k) for i in range(len(scenes)) for k in range(n_per_caption)]
     path = {(i, k): out / "images" / f"{i:05d}_{k:02d}.png" for i, k in items}
     jobs = [GenJob(tuple(scenes[i].caption for i, _ in chunk), tuple(path[ik] for ik in chunk), seed + b)
@@ -195,7 +197,7 @@ def evaluate_shapes(pipe: Callable[..., Any] | None, captions_or_scenes: Sequenc
     env = R.environment()
     result: dict[str, Any] = {
         "protocol": "shapes-eval", "dcar_version": env["dcar"], "pipeline": pipeline_path,
-        "pipeline_fingerprint": R.optional_fingerprint(pipeline_path),
+        "pipeline_fingerprint": R.optional_fingerprint(pipeline_path), **R.inference_record(inference),
         "captions_source": source, "num_captions": len(scenes), "n_per_caption": n_per_caption,
         "num_images": len(records), "seed": seed, "batch_size": batch_size,
         "seeding": "images in fixed batches of batch_size (caption-major order); batch b sampled with seed + b",
