@@ -111,9 +111,14 @@ def test_end_to_end_then_resume_regenerates_nothing(main, setup, tmp_path, monke
     assert main(args(setup, out)) == result
     np.testing.assert_array_equal(np.array(Image.open(victim)), before)
     assert {p: p.stat().st_mtime_ns for p in pngs if p != victim} == {p: m for p, m in mtimes.items() if p != victim}
-    # other sampling settings in the same folder are refused instead of mixing samples
+    # other sampling settings in the same folder are refused instead of mixing samples; so are other precisions
     with pytest.raises(ConfigError, match="seed"):
         main(args(setup, out, "seed=1"))
+    assert "inference" not in saved
+    with pytest.raises(ConfigError, match="inference"):
+        main(args(setup, out, "inference.dtype=bfloat16"))
+    bf16 = main(args(setup, tmp_path / "bf16", "inference.dtype=bfloat16"))
+    assert bf16["inference"] == {"dtype": "bfloat16"} and bf16["num_samples"] == 12
 
 
 def tiny_clip(folder: Path, prompts: list[str]) -> Path:
