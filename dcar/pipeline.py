@@ -39,31 +39,24 @@ from . import __version__
 from .models.generator import DCAR, TextEncoder, TextKV
 from .models.generator.masking import mask_schedule_counts
 from .models.generator.text_encoder_folder import load_text_encoder, save_text_encoder
-from .models.tokenizer import DCHT, DecoderPath, build_inference_decoder
-from .models.tokenizer.fast_decoder import weights_key
+from .models.tokenizer import DCHT
+from .pipeline_runtime import CUDA_GRAPH_MODES, PipelineRuntime
 from .sampling import branch_hidden, encode_text_branches, maskgit_decode
 from .utils.atomic import atomic_write_text
 from .utils.modes import eval_mode
 
-__all__ = ["DEFAULT_GUIDANCE_SCALE", "DCARPipeline", "load_text_encoder", "save_text_encoder"]
+__all__ = ["CUDA_GRAPH_MODES", "DEFAULT_GUIDANCE_SCALE", "DCARPipeline", "load_text_encoder", "save_text_encoder"]
 
 DEFAULT_GUIDANCE_SCALE = 4.5
-CUDA_GRAPH_MODES = ("reduce-overhead", "max-autotune")  # torch.compile modes that capture CUDA graphs
 
 
-def _static_buffer(t: Tensor) -> Tensor:
-    """An uninitialised tensor like ``t`` whose address torch.compile / CUDA graphs treat as fixed."""
-    buffer = torch.empty_like(t)
-    torch._dynamo.mark_static_address(buffer)
-    return buffer
-
-
-class DCARPipeline:
+class DCARPipeline(PipelineRuntime):
     """Text-to-image sampling with a DC-HT ``tokenizer``, a DC-AR ``generator`` and a frozen ``text_encoder``.
 
     ``pipe(prompts, num_steps=12, guidance_scale=4.5, seed=0)`` returns images (B, 3, H, W) in [-1, 1]
     (``output_type="pil"``: PIL images). ``generate_tokens`` and ``refine_residuals`` expose the two halves for
     evaluation. The same ``seed`` (and batch) gives the same images; sampling never touches the global RNG.
+    How it runs (autocast, decoder path, ``compile``) comes from :class:`~dcar.pipeline_runtime.PipelineRuntime`.
     """
 
     def __init__(self, tokenizer: DCHT, generator: DCAR, text_encoder: TextEncoder) -> None:
@@ -85,12 +78,7 @@ class DCARPipeline:
         self.tokenizer = tokenizer
         self.generator = generator
         self.text_encoder = text_encoder
-        self._decoder_path = DecoderPath()
-        self._decoder_compile: dict[str, Any] | None = None  # torch.compile kwargs for the decoder (compile())
-        self._decoder_cache: tuple[Any, Callable[[Tensor], Tensor]] | None = None  # (weights key, module)
-        self._static_text_kv = False  # compile(): copy each generation's K/V into fixed buffers (CUDA graphs)
-        self._text_kv_buffers: dict[tuple, TextKV] = {}  # one set per shape / dtype / device (text_kv)
-        self._autocast_dtype: torch.dtype | None = None  # set_autocast()
+        self._init_runtime()
 
     def __repr__(self) -> str:
         g, t, text = self.generator.config, self.tokenizer.config, self.text_encoder.config
@@ -124,24 +112,8 @@ class DCARPipeline:
         self.tokenizer.to(device=device, dtype=dtype)
         self.generator.to(device=device, dtype=dtype)
         self.text_encoder.to(device=device, dtype=text_dtype)
-        self._decoder_cache = None  # an inference decoder copy is rebuilt from the moved weights
-        self._text_kv_buffers = {}
+        self._reset_runtime_caches()
         return self
-
-    def set_autocast(self, dtype: torch.dtype | None) -> DCARPipeline:
-        """Run :meth:`generate_tokens`, :meth:`refine_residuals` and :meth:`decode` (so every ``pipe(...)`` call)
-        under ``torch.autocast(device, dtype)``: bf16 / fp16 matmuls and convolutions over the weights as they are
-        (HART samples in fp16 this way); None or float32: off (the default)."""
-        if dtype not in (None, torch.float32, torch.bfloat16, torch.float16):
-            raise ValueError(f"autocast dtype must be bfloat16, float16, float32 or None, got {dtype}")
-        self._autocast_dtype = None if dtype == torch.float32 else dtype
-        return self
-
-    def autocast(self) -> contextlib.AbstractContextManager:
-        """The :meth:`set_autocast` context on the pipeline's device (a no-op when off)."""
-        if self._autocast_dtype is None:
-            return contextlib.nullcontext()
-        return torch.autocast(self.device.type, dtype=self._autocast_dtype)
 
     def save_pretrained(self, save_directory: str | os.PathLike) -> Path:
         """Write ``tokenizer/``, ``generator/``, ``text_encoder/`` and ``pipeline.json`` into ``save_directory``."""
@@ -195,16 +167,7 @@ class DCARPipeline:
         graph then reads them in place, instead of copying every block's K/V into its own input buffers at each
         of the steps (one copy per generation instead of one per step); a later call of the same shape then
         overwrites the returned tensors."""
-        kv = encode_text_branches(self.generator, states, mask, use_cfg)
-        if not self._static_text_kv:
-            return kv
-        tensors = kv.tensors()  # 2 * blocks + 2 tensors, + 1 with an attn_mask: the key tells the layouts apart
-        key = tuple((t.shape, t.stride(), t.dtype, t.device) for t in tensors)
-        if key not in self._text_kv_buffers:
-            self._text_kv_buffers[key] = kv.map(_static_buffer)
-        static = self._text_kv_buffers[key]
-        torch._foreach_copy_(static.tensors(), tensors)
-        return static
+        return self._static_text_kv_copy(encode_text_branches(self.generator, states, mask, use_cfg))
 
     def make_generator(self, seed: int | None = None, generator: torch.Generator | None = None) -> torch.Generator:
         """``generator`` as is, else a fresh one on the pipeline's device seeded with ``seed`` (None: random)."""
@@ -343,66 +306,6 @@ class DCARPipeline:
                 uncond = torch.where(now[..., None], uncond_h, 0.0 if uncond is None else uncond)
             before = masked_after
         return hidden, uncond
-
-    # ---- decoder path and compilation ---------------------------------------------------------------------------
-
-    @property
-    def decoder_path(self) -> DecoderPath:
-        """The options :meth:`decode` runs the DC-HT decoder with (:meth:`set_decoder_path`)."""
-        return self._decoder_path
-
-    def set_decoder_path(self, *, channels_last: bool = False, fuse_norms: bool = False) -> DCARPipeline:
-        """Decode through an inference copy of the DC-HT decoder (:mod:`dcar.models.tokenizer.fast_decoder`):
-        ``channels_last`` (NHWC weights and latent), ``fuse_norms`` (BatchNorm folded into the conv / linear it
-        follows, RMSNorm as ``F.rms_norm``); both off (default): the tokenizer's own decoder. The copy (a second
-        set of decoder weights) is built on the next :meth:`decode` and rebuilt when the tokenizer's decoder
-        weights change (``.to()``, ``load_state_dict``, optimizer steps); the tokenizer is never modified. fp32
-        images equal the plain path's within rounding (max abs diff <= 1e-5 in the tests)."""
-        self._decoder_path = DecoderPath(channels_last=channels_last, fuse_norms=fuse_norms)
-        self._decoder_cache = None
-        return self
-
-    def compile(self, mode: str | None = None, backend: str = "inductor", *, dynamic: bool = False,
-                decoder: bool = False, head: bool = True, text: bool = False,
-                static_text_kv: bool = True) -> DCARPipeline:
-        """``torch.compile`` the generator's forward in place (``nn.Module.compile``), with ``head=True`` (default)
-        the diffusion head's denoising network the same way (its residual sampler calls it once per denoising
-        step on a fixed (2)N x D batch; the scheduler's update stays eager), with ``text=True`` the text encoder's
-        transformer (its tokenizer stays eager; a new batch size compiles again), and with ``decoder=True`` the
-        decoder that :meth:`decode` runs. ``mode``: ``"default"``, ``"reduce-overhead"`` (CUDA graphs on a
-        GPU), ``"max-autotune"``, ...; ``backend``: ``"inductor"`` or ``"eager"`` / ``"aot_eager"`` (no codegen).
-        Shapes are static within a generation: every step feeds the whole 2B x h x w token map, and with
-        ``logits_at_masked_only`` the per-step gather of still-masked positions and their logits (``to_logits``)
-        run outside the compiled forward. ``dynamic=False``: a new batch or grid size compiles again.
-        ``static_text_kv`` (with a CUDA-graph mode, ``"reduce-overhead"`` or ``"max-autotune"``): the K/V of
-        :meth:`text_kv` live in fixed buffers (one set per batch size, kept until :meth:`to`)."""
-        self.generator.compile(mode=mode, backend=backend, dynamic=dynamic)
-        self._static_text_kv = static_text_kv and mode in CUDA_GRAPH_MODES
-        self._text_kv_buffers = {}
-        if head and self.generator.head is not None:
-            self.generator.head.net.compile(mode=mode, backend=backend, dynamic=dynamic)
-        if text:
-            self.text_encoder.model.compile(mode=mode, backend=backend, dynamic=dynamic)
-        if decoder:
-            self._decoder_compile = {"mode": mode, "backend": backend, "dynamic": dynamic}
-            self._decoder_cache = None
-        return self
-
-    def _decoder(self) -> Callable[[Tensor], Tensor] | None:
-        """The module :meth:`decode` runs: None (the tokenizer's decoder), its compiled wrapper, or the inference
-        copy (compiled with :meth:`compile`'s settings when ``decoder=True``)."""
-        path, compile_kwargs = self._decoder_path, self._decoder_compile
-        if path.plain and compile_kwargs is None:
-            return None
-        key = id(self.tokenizer.decoder) if path.plain else weights_key(self.tokenizer.decoder)
-        if self._decoder_cache is None or self._decoder_cache[0] != key:
-            self._decoder_cache = None  # free the old copy before building the new one
-            module: Callable[[Tensor], Tensor] = self.tokenizer.decoder if path.plain else \
-                build_inference_decoder(self.tokenizer.decoder, path)
-            if compile_kwargs is not None:
-                module = torch.compile(module, **compile_kwargs)
-            self._decoder_cache = (key, module)
-        return self._decoder_cache[1]
 
     @torch.no_grad()
     def decode(self, codes: Tensor, residual: Tensor | None = None) -> Tensor:
