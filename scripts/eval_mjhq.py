@@ -3,14 +3,14 @@ category, CLIP score; writes ``<out>/results.json``.
 
     python scripts/eval_mjhq.py pipeline=PATH mjhq.meta=/data/MJHQ-30K/meta_data.json \\
         mjhq.images=/data/MJHQ-30K/mjhq30k_imgs out=results/mjhq [num_steps=12 guidance_scale=4.5 seed=0] \\
-        [clip_model=/models/clip-vit-large-patch14]
+        [clip_model=/models/clip-vit-large-patch14] [inference.dtype=bfloat16 inference.compile=true]
     accelerate launch --multi_gpu --num_processes 8 scripts/eval_mjhq.py ...   # prompts split over processes
 
 Samples: ``<out>/samples/<image_id>.png`` (existing ones are never regenerated); features per chunk in
 ``<out>/parts/``; reference statistics cached in ``ref_stats`` (default
-``<out folder>/fid_stats/mjhq30k_<R>px_<N>_<extractor>.npz``). See :mod:`dcar.eval.mjhq`.
+``<out folder>/fid_stats/mjhq30k_<R>px_<N>_<extractor>.npz``). ``inference.*``: precision and compilation
+(:mod:`dcar.inference`), recorded with the samples. See :mod:`dcar.eval.mjhq`.
 """
-
 
 import json
 from collections.abc import Sequence
