@@ -1,10 +1,12 @@
 #!/usr/bin/env bash
 # Issue #7's GPU checks in one pass on a lent GPU (the H200 of the `device` tool), run from the repository root:
 #
-#     OUT=benchmarks/<date>_<gpu> BUDGET_S=540 [STAGES="tiny compiled eager cast cast_gelu cast_fresh_kv train"] bash benchmarks/gpu_check.sh
+#     OUT=benchmarks/<date>_<gpu> BUDGET_S=540 [STAGES="pytest tiny compiled eager cast cast_gelu cast_fresh_kv train"] bash benchmarks/gpu_check.sh
 #
 # Stages (STAGES picks and orders them); each starts only while enough of BUDGET_S (seconds) is left, and each
 # writes its own JSON, so a stage that fails or runs out of time loses nothing of the others:
+#   pytest.log            `pytest -m gpu` (tests/test_gpu.py): the CUDA-only paths (GELU epilogue, CUDA graphs
+#                         with static K/V, bf16 autocast / cast) against eager float32; needs pytest installed
 #   tiny_cuda_fp32.json   the tiny preset on the GPU in float32: every sampling optimisation keeps the codes
 #   paper_compiled.json   paper models, bf16 autocast, torch.compile reduce-overhead (CUDA graphs), NHWC +
 #                         fused-norm decoder: latency (batch 1) and throughput (batch 16), the floors
@@ -48,6 +50,21 @@ stage() {  # stage NAME MIN_SECONDS MAX_SECONDS ARGS...: run the benchmark if MI
     echo "=== $name exit $? after $((SECONDS - started)) s"
 }
 
+gpu_tests() {  # pytest -m gpu, if pytest is there and 60 s are left (at most 240)
+    local rest
+    rest=$(left)
+    if ! python3 -c "import pytest" 2>/dev/null; then
+        echo "=== pytest skipped: pytest is not installed"
+    elif ((rest < 60)); then
+        echo "=== pytest skipped: ${rest} s left, needs 60"
+    else
+        ((rest > 240)) && rest=240
+        echo "=== pytest -m gpu (limit ${rest} s)"
+        timeout "$rest" python3 -m pytest -q -m gpu -p no:cacheprovider tests/test_gpu.py 2>&1 | tee "$OUT/pytest.log"
+        echo "=== pytest exit ${PIPESTATUS[0]} after $((SECONDS - started)) s"
+    fi
+}
+
 nvidia-smi --query-gpu=name,driver_version,clocks.sm,clocks.max.sm,memory.total --format=csv
 python3 -c "import sys, torch; print(sys.version.split()[0], torch.__version__, torch.version.cuda,
 torch.cuda.get_device_name())"
@@ -55,8 +72,9 @@ torch.cuda.get_device_name())"
 CAST="preset=paper precision=cast compile=true compile_mode=reduce-overhead compile_decoder=true compile_text=true
 decoder_channels_last=true decoder_fuse_norms=true train=false"
 REPEATS="latency_warmup=10 latency_repeats=30 throughput_warmup=5 throughput_repeats=20 phase_repeats=10"
-for name in ${STAGES:-tiny compiled eager cast cast_gelu cast_fresh_kv train}; do
+for name in ${STAGES:-pytest tiny compiled eager cast cast_gelu cast_fresh_kv train}; do
     case $name in
+    pytest) gpu_tests ;;
     tiny) stage tiny_cuda_fp32 30 120 preset=tiny device=cuda threads=0 ;;
     compiled) stage paper_compiled 120 300 preset=paper compile=true compile_mode=reduce-overhead \
         decoder_channels_last=true decoder_fuse_norms=true train=false $REPEATS ;;
@@ -66,7 +84,7 @@ for name in ${STAGES:-tiny compiled eager cast cast_gelu cast_fresh_kv train}; d
     cast_fresh_kv) stage paper_cast_fresh_kv 120 300 $CAST static_text_kv=false $REPEATS ;;
     train) stage paper_train_compiled 90 240 preset=paper train_compile=true flops=false latency_warmup=0 \
         latency_repeats=1 throughput_warmup=0 throughput_repeats=1 phase_repeats=1 ;;
-    *) echo "unknown stage $name (tiny, compiled, eager, cast, cast_gelu, cast_fresh_kv, train)" ;;
+    *) echo "unknown stage $name (pytest, tiny, compiled, eager, cast, cast_gelu, cast_fresh_kv, train)" ;;
     esac
 done
 nvidia-smi --query-gpu=clocks.sm,clocks.max.sm,temperature.gpu,power.draw --format=csv
