@@ -75,6 +75,18 @@ def test_gelu_epilogue_is_the_blocks_tanh_gelu_on_cuda(fused_calls):
     assert len(fused_calls) == 3 and x.grad.abs().sum() > 0
 
 
+def test_gelu_epilogue_keeps_the_fp32_tokens(parts, fused_calls):
+    """Issue #7: every optimisation keeps the fp32 tokens of the same seed (eager, so only the epilogue differs)."""
+    ref = pipeline(parts)
+    p = pipeline(parts)
+    p.generator.set_gelu_epilogue(True)
+    ref_codes, ref_res = ref.generate_tokens(PROMPTS, 6, 3.0, seed=4)
+    codes, res = p.generate_tokens(PROMPTS, 6, 3.0, seed=4)
+    assert len(fused_calls) >= 6 * p.generator.config.num_layers
+    assert torch.equal(codes, ref_codes)
+    torch.testing.assert_close(res, ref_res, rtol=1e-4, atol=1e-4)
+
+
 def test_cuda_graph_pipeline_with_the_epilogue_samples_like_eager(parts, fused_calls):
     ref = pipeline(parts)
     p = configure_pipeline(pipeline(parts), InferenceConfig(compile=True, compile_mode="reduce-overhead",
