@@ -72,13 +72,19 @@ def test_block_mlp_takes_the_epilogue_only_when_sampling(cpu_takes_epilogue):
     assert x.grad is not None and x.grad.abs().sum() > 0
 
 
-def test_model_forward_with_the_epilogue(cpu_takes_epilogue):
+def forward_off_then_on():
+    """A tiny model's outputs without, then with the epilogue switched on; the model and its inputs."""
     model = tiny_model()
     tokens, states, mask = inputs()
     with torch.no_grad():
         ref = model(tokens, states, mask)
         model.set_gelu_epilogue(True)
         out = model(tokens, states, mask)
+    return model, (tokens, states, mask), ref, out
+
+
+def test_model_forward_with_the_epilogue(cpu_takes_epilogue):
+    model, (tokens, states, mask), ref, out = forward_off_then_on()
     assert len(cpu_takes_epilogue) == model.config.num_layers
     torch.testing.assert_close(out.hidden, ref.hidden, rtol=0, atol=2e-3)  # erf vs tanh GELU, nothing else
     model.set_gelu_epilogue(False)
@@ -90,12 +96,7 @@ def test_model_forward_with_the_epilogue(cpu_takes_epilogue):
 
 
 def test_epilogue_is_a_no_op_where_it_would_change_the_function():
-    model = tiny_model()
-    tokens, states, mask = inputs()
-    with torch.no_grad():
-        ref = model(tokens, states, mask)
-        model.set_gelu_epilogue(True)
-        out = model(tokens, states, mask)
+    _, _, ref, out = forward_off_then_on()
     assert torch.equal(out.logits, ref.logits) and torch.equal(out.hidden, ref.hidden)
 
 
